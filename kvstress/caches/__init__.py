@@ -1,0 +1,58 @@
+"""KV-cache policies as transformers caches: `make_cache("h2o_4_32_256", model)`."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from ..spec import MethodSpec, as_spec
+from .base import POSITION_MODES, CompressedCache
+from .h2o import H2OCache
+from .hooks import UnsupportedModelError, attach
+from .streaming import StreamingCache
+
+_CACHE_CLASSES = {"streaming": StreamingCache, "h2o": H2OCache}
+
+
+def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "original", lazy: int = 0) -> Cache:
+    """A cache for `model` implementing `spec`.
+
+    `baseline` is the `DynamicCache` transformers uses by default. Compressed policies
+    link themselves to the model's attention modules (hooks installed once per model)
+    and allocate their buffers on the first forward, taking batch size, dtype and
+    device from it. `positions` is "original" or "shifted"; `lazy` lets the cache run
+    over capacity by that many tokens and then evict them at once.
+    """
+    spec = as_spec(spec)
+    if not spec.is_compressed:
+        if positions != "original" or lazy:
+            raise ValueError("baseline keeps every token at its own position: positions and lazy do not apply")
+        return DynamicCache(config=model.config)
+    links = attach(model)
+    return _CACHE_CLASSES[spec.method](
+        spec, links.num_layers, links.rotary_embedding, positions=positions, lazy=lazy
+    )
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes of tensors the cache holds (keys, values and any policy state)."""
+    if isinstance(cache, CompressedCache):
+        return cache.nbytes
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+__all__ = [
+    "POSITION_MODES",
+    "CompressedCache",
+    "H2OCache",
+    "StreamingCache",
+    "UnsupportedModelError",
+    "cache_bytes",
+    "make_cache",
+]

@@ -1,0 +1,23 @@
+"""StreamingLLM: attention sinks plus the most recent tokens (Xiao et al., 2023).
+
+Keeps the `sink` first tokens and the `capacity - sink` most recent ones. The window
+is a ring in all but name: each decode step the oldest non-sink token is the victim
+and the new token takes its slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CompressedCache, FixedCapacityLayer
+
+
+class StreamingLayer(FixedCapacityLayer):
+    def eviction_priority(self, total: int) -> torch.Tensor:
+        positions = self.positions[:, :, :total]
+        # Oldest first; sinks never.
+        return positions.masked_fill(positions < self.sink, torch.iinfo(torch.long).max)
+
+
+class StreamingCache(CompressedCache):
+    layer_class = StreamingLayer

@@ -1,0 +1,281 @@
+"""The cache policies: exactness, what they keep, memory, generate.
+
+One table of specs runs through every generic test. The model is a tiny random Llama
+with grouped-query attention (4 query heads, 2 KV heads), in float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from kvstress import make_cache
+from kvstress.caches import cache_bytes
+from kvstress.spec import MethodSpec, SpecError, parse_spec
+
+from reference_policies import ReferencePolicyModel
+
+# Every compressed policy × position mode; the sizes let a short text overflow them.
+COMPRESSED = [
+    ("streaming_4_24", "original"),
+    ("streaming_4_24", "shifted"),
+    ("streaming_0_16", "original"),
+    ("h2o_2_6_24", "original"),
+    ("h2o_2_6_24", "shifted"),
+    ("h2o_0_1_16", "original"),
+]
+COMPRESSED_IDS = [f"{spec}-{positions}" for spec, positions in COMPRESSED]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=8192,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Random init gives near-uniform attention, under which accumulated attention just
+    # ranks tokens by age and H2O would be indistinguishable from "keep the oldest".
+    # Larger query/key weights make attention peaked, as in trained models.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    return model
+
+
+def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, length), generator=generator)
+
+
+@torch.no_grad()
+def stream(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Feed ids chunk by chunk through the model with `cache`; logits for every position."""
+    logits = [model(ids[:, i : i + chunk], past_key_values=cache).logits for i in range(0, ids.shape[1], chunk)]
+    return torch.cat(logits, dim=1)
+
+
+def capacity_of(spec: str) -> int:
+    return parse_spec(spec).capacity
+
+
+# -- specs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, fields",
+    [
+        ("baseline", dict(method="baseline")),
+        ("streaming_4_256", dict(method="streaming", sink=4, capacity=256)),
+        ("h2o_4_32_256", dict(method="h2o", sink=4, window=32, capacity=256)),
+        ("H2O_0_1_8", dict(method="h2o", sink=0, window=1, capacity=8)),
+    ],
+)
+def test_spec_string_and_fields_are_one_thing(text, fields):
+    spec = parse_spec(text)
+    assert spec == MethodSpec(**fields)
+    assert parse_spec(spec.name) == spec
+
+
+def test_heavy_hitters_are_what_is_left():
+    assert parse_spec("h2o_4_32_256").heavy_hitters == 220
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lru_4_256", "write baseline, streaming_S_C or h2o_S_W_C"),
+        ("streaming_256", "should look like streaming_S_C"),
+        ("h2o_4_256", "should look like h2o_S_W_C"),
+        ("streaming_8_8", "use a capacity above 8"),
+        ("h2o_4_32_36", "use a capacity above 36"),
+        ("h2o_4_32_20", "use a capacity above 36"),
+        ("streaming_4_0", "capacity must be positive"),
+        ("h2o_4_0_256", "window must be at least 1"),
+        ("h2o_-1_4_256", "sink must be 0 or more"),
+        ("baseline_4", "should look like baseline"),
+        ("", "cannot read method spec"),
+    ],
+)
+def test_invalid_specs_say_what_to_fix(text, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(text)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(method="streaming"), "needs a capacity"),
+        (dict(method="streaming", capacity=64, window=8), "drop --window"),
+        (dict(method="baseline", capacity=64), "give it no capacity"),
+        (dict(method="snapkv", capacity=64), "unknown method"),
+    ],
+)
+def test_invalid_fields_say_what_to_fix(fields, message):
+    with pytest.raises(SpecError, match=message):
+        MethodSpec(**fields)
+
+
+def test_make_cache_rejects_options_that_do_not_apply(model):
+    with pytest.raises(ValueError, match="positions must be one of"):
+        make_cache("streaming_4_24", model, positions="absolute")
+    with pytest.raises(ValueError, match="lazy eviction buffer"):
+        make_cache("h2o_2_6_24", model, lazy=-1)
+    with pytest.raises(ValueError, match="do not apply"):
+        make_cache("baseline", model, lazy=8)
+
+
+def test_baseline_is_transformers_dynamic_cache(model):
+    assert type(make_cache("baseline", model)) is DynamicCache
+
+
+# -- exactness while everything fits ---------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, positions", COMPRESSED, ids=COMPRESSED_IDS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 5])
+@pytest.mark.parametrize("lazy", [0, 4])
+def test_logits_equal_full_cache_while_tokens_fit(model, spec, positions, batch, chunk, lazy):
+    ids = token_ids(batch, capacity_of(spec))
+    expected = stream(model, DynamicCache(config=model.config), ids, chunk)
+    actual = stream(model, make_cache(spec, model, positions=positions, lazy=lazy), ids, chunk)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- what each policy keeps -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["original", "shifted"])
+@pytest.mark.parametrize("chunk", [1, 7, 40])
+def test_streaming_keeps_sinks_and_most_recent(model, positions, chunk):
+    cache = make_cache("streaming_4_24", model, positions=positions)
+    ids = token_ids(2, 203)
+    stream(model, cache, ids, chunk)
+    expected = list(range(4)) + list(range(203 - 20, 203))
+    for layer in range(2):
+        kept = cache.kept_positions(layer)
+        assert kept.shape == (2, 2, 24)
+        assert (kept == torch.tensor(expected)).all()
+
+
+def test_lazy_streaming_runs_over_by_the_buffer_then_evicts_it_at_once(model):
+    cache = make_cache("streaming_4_24", model, lazy=6)
+    sizes = []
+    for t in range(60):
+        stream(model, cache, token_ids(1, 60)[:, t : t + 1], 1)
+        sizes.append(cache.kept_positions(0).shape[-1])
+    assert max(sizes) == 30
+    assert sizes[23:31] == [24, 25, 26, 27, 28, 29, 30, 24]  # 24 held after token 24, evicted after token 31
+    kept = cache.kept_positions(0)[0, 0].tolist()
+    assert kept[:4] == [0, 1, 2, 3] and kept[4:] == list(range(60 - len(kept) + 4, 60))
+
+
+@pytest.mark.parametrize("spec, positions", COMPRESSED, ids=COMPRESSED_IDS)
+@pytest.mark.parametrize("chunk, lazy", [(1, 0), (6, 0), (1, 5)])
+def test_policy_matches_reference_implementation(model, spec, positions, chunk, lazy):
+    """Kept positions and logits equal a slow eager reference, batch 2 with different texts, GQA."""
+    parsed = parse_spec(spec)
+    reference = ReferencePolicyModel(
+        model, parsed.method, parsed.capacity, parsed.sink, parsed.window, positions=positions, lazy=lazy
+    )
+    cache = make_cache(spec, model, positions=positions, lazy=lazy)
+    ids = torch.stack([token_ids(1, 66, seed=3)[0], token_ids(1, 66, seed=4)[0]])
+    with torch.no_grad():
+        for i in range(0, ids.shape[1], chunk):
+            expected = reference.forward(ids[:, i : i + chunk])
+            actual = model(ids[:, i : i + chunk], past_key_values=cache).logits
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    for layer in range(2):
+        assert cache.kept_positions(layer).tolist() == reference.kept_positions(layer)
+
+
+def test_h2o_keeps_heavy_hitters_not_just_the_oldest(model):
+    """The reference comparison could pass for a policy that keeps the oldest tokens if
+    accumulated attention happened to favour them; make sure heads really differ."""
+    cache = make_cache("h2o_0_4_16", model)
+    stream(model, cache, token_ids(2, 80, seed=5), 1)
+    kept = cache.kept_positions(1)
+    rows = {tuple(row) for row in kept.reshape(-1, kept.shape[-1]).tolist()}
+    assert len(rows) > 1, "every sequence and head kept the same tokens"
+    assert all(row[-4:] == (76, 77, 78, 79) for row in rows)
+
+
+def test_batched_h2o_keeps_per_sequence_what_it_keeps_alone(model):
+    texts = [token_ids(1, 70, seed=s) for s in (6, 7)]
+    batched = make_cache("h2o_2_6_24", model)
+    stream(model, batched, torch.cat(texts), 3)
+    for b, text in enumerate(texts):
+        alone = make_cache("h2o_2_6_24", model)
+        stream(model, alone, text, 3)
+        for layer in range(2):
+            assert batched.kept_positions(layer)[b].tolist() == alone.kept_positions(layer)[0].tolist()
+
+
+# -- memory ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, positions", COMPRESSED, ids=COMPRESSED_IDS)
+def test_memory_does_not_grow_with_tokens_seen(model, spec, positions):
+    cache = make_cache(spec, model, positions=positions)
+    ids = token_ids(1, 5000)
+    stream(model, cache, ids[:, :100], 50)
+    bytes_at_100 = cache_bytes(cache)
+    pointers = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+    stream(model, cache, ids[:, 100:4990], 50)
+    stream(model, cache, ids[:, 4990:], 1)
+    assert cache_bytes(cache) == bytes_at_100
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == pointers
+    assert cache.layers[0].seen == 5000
+
+
+def test_full_cache_grows_with_tokens_seen(model):
+    cache = make_cache("baseline", model)
+    ids = token_ids(1, 400)
+    stream(model, cache, ids[:, :100], 50)
+    small = cache_bytes(cache)
+    stream(model, cache, ids[:, 100:], 50)
+    assert cache_bytes(cache) == 4 * small
+
+
+def test_positions_seen_by_the_model(model):
+    original = make_cache("streaming_4_24", model)
+    shifted = make_cache("streaming_4_24", model, positions="shifted")
+    ids = token_ids(1, 50)
+    stream(model, original, ids, 10)
+    stream(model, shifted, ids, 10)
+    assert original.get_seq_length() == 50  # next token rotated at its absolute position
+    assert shifted.get_seq_length() == 24  # next token rotated right after the kept ones
+
+
+# -- generate ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, positions", COMPRESSED, ids=COMPRESSED_IDS)
+def test_generate_runs_and_ends_at_capacity(model, spec, positions):
+    cache = make_cache(spec, model, positions=positions)
+    prompt = token_ids(2, 20)
+    out = model.generate(
+        prompt, past_key_values=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0
+    )
+    assert out.shape == (2, 50)
+    assert all(layer.kept == capacity_of(spec) for layer in cache.layers)
+    assert cache.layers[0].seen == 49  # the last generated token is never fed back
+
+
+def test_generate_with_capacity_above_length_matches_full_cache(model):
+    prompt = token_ids(1, 10)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kwargs)
+    for spec in ("streaming_4_64", "h2o_2_6_64"):
+        actual = model.generate(prompt, past_key_values=make_cache(spec, model), **kwargs)
+        assert actual.tolist() == expected.tolist()
