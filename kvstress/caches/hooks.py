@@ -60,7 +60,8 @@ def _split_heads(projection: torch.Tensor, head_dim: int) -> torch.Tensor:
     return projection.reshape(batch, length, -1, head_dim).transpose(1, 2)
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The Llama-style attention modules of `model` (those with q_proj, k_proj and a layer_idx)."""
     return [
         module
         for module in model.modules()
@@ -82,7 +83,7 @@ def attach(model: nn.Module) -> AttentionLinks:
         return existing
     from .base import CompressedCache  # the hooks only act for kvstress's own caches
 
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     expected = getattr(config, "num_hidden_layers", None)
     if not modules or (expected is not None and len(modules) != expected):

@@ -1,0 +1,270 @@
+"""The runner: stream a text through the model under each cache policy and measure.
+
+For each method, one stream of the text:
+
+    prefill chunks ──► checkpoint L ──► decode steps (teacher-forced) ──► prefill chunks ──► ...
+                                         step 0        TTFT(L) = time to build the context + this step
+                                         steps 1..k-2  TPOT samples (median, p90)
+                                         step k-1      attention-time probe (hooks, excluded from TPOT)
+
+Memory is sampled after every forward; the NLL of every next token is accumulated
+(real weights only) so each checkpoint also carries the perplexity of the text so
+far. An out-of-memory error (real, or the --max-memory budget) ends the method with
+an "oom" record at the checkpoint it was heading for; the next method starts clean.
+Results go to the writer as each checkpoint finishes.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .caches import cache_bytes, make_cache
+from .caches.hooks import attention_modules
+from .config import RunConfig
+from .memory import MemoryBudget, MemorySampler
+from .results import RECORD_FIELDS
+from .spec import MethodSpec
+
+ProgressCallback = Callable[[str, int], None]  # (method name, tokens just processed)
+
+# Tokens of the warm-up stream run before each method is measured.
+_WARMUP_TOKENS = 64
+
+
+def cache_argument(model) -> str:
+    """The forward's name for the cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+class AttentionTimer:
+    """Wall time spent inside the attention modules during one forward (synchronised on CUDA)."""
+
+    def __init__(self, model, device: torch.device):
+        self.modules = attention_modules(model)
+        self.device = device
+        self.total_s = 0.0
+        self._started = 0.0
+        self._handles = []
+
+    def __enter__(self) -> "AttentionTimer":
+        def start(module, args, kwargs):
+            synchronize(self.device)
+            self._started = time.perf_counter()
+
+        def stop(module, args, kwargs, output):
+            synchronize(self.device)
+            self.total_s += time.perf_counter() - self._started
+
+        for module in self.modules:
+            self._handles.append(module.register_forward_pre_hook(start, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(stop, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class _Stream:
+    """State of one method's stream through the text."""
+
+    spec: MethodSpec
+    cache: object
+    position: int = 0  # tokens of context fed so far
+    forwards: int = 0
+    build_s: float = 0.0  # time spent building the context so far
+    nll_sum: float = 0.0
+    nll_count: int = 0
+
+
+class SweepRunner:
+    def __init__(self, config: RunConfig, model, tokens: torch.Tensor, writer, *, score: bool,
+                 on_progress: ProgressCallback | None = None):
+        """tokens: [batch, >= config.tokens_needed] teacher-forcing text. score: compute NLL (real weights)."""
+        self.config = config
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.tokens = tokens.to(self.device)
+        self.writer = writer
+        self.score = score
+        self.on_progress = on_progress or (lambda method, tokens: None)
+        self.sampler = MemorySampler(self.device)
+        self.budget = None
+        if config.max_memory is not None:
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            self.budget = MemoryBudget(config.max_memory, base_bytes=weights)
+        self.cache_argument = cache_argument(model)
+        self._started = time.perf_counter()
+
+    # -- one forward ---------------------------------------------------------------
+
+    def _forward(self, stream: _Stream, start: int, end: int, phase: str) -> float:
+        """Feed tokens [start, end) and return the forward's wall time in seconds."""
+        ids = self.tokens[:, start:end]
+        keep = 0 if self.score else 1  # all logits only when they are scored (see DESIGN: logits_to_keep)
+        synchronize(self.device)
+        began = time.perf_counter()
+        with torch.no_grad():
+            output = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{self.cache_argument: stream.cache})
+        synchronize(self.device)
+        elapsed = time.perf_counter() - began
+        if self.score:
+            self._accumulate_nll(stream, output.logits, start, end)
+        del output
+        stream.position = end
+        stream.forwards += 1
+        stream.build_s += elapsed
+        sample = self.sampler.sample(cache_bytes(stream.cache))
+        self._samples.append(
+            {"method": stream.spec.name, "step": stream.forwards, "tokens_seen": end, "phase": phase,
+             "elapsed_s": time.perf_counter() - self._started, **sample}
+        )
+        if self.budget is not None:
+            self.budget.check(sample)
+        self.on_progress(stream.spec.name, end - start)
+        return elapsed
+
+    def _accumulate_nll(self, stream: _Stream, logits: torch.Tensor, start: int, end: int) -> None:
+        # Position i predicts token i + 1; the text holds one token past the last forward.
+        targets = self.tokens[:, start + 1 : end + 1]
+        logits = logits[:, : targets.shape[1]]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="sum")
+        stream.nll_sum += nll.item()
+        stream.nll_count += targets.numel()
+
+    # -- a method ------------------------------------------------------------------
+
+    def _new_cache(self, spec: MethodSpec):
+        if spec.is_compressed:
+            return make_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy)
+        return make_cache(spec, self.model)
+
+    def _warm_up(self, spec: MethodSpec) -> None:
+        """A short throwaway stream so the first measured forward pays no one-off start-up costs."""
+        cache = self._new_cache(spec)
+        ids = self.tokens[:, : _WARMUP_TOKENS + 2]
+        with torch.no_grad():
+            self.model(input_ids=ids[:, :_WARMUP_TOKENS], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
+            for t in range(_WARMUP_TOKENS, _WARMUP_TOKENS + 2):
+                self.model(input_ids=ids[:, t : t + 1], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
+        synchronize(self.device)
+
+    def _checkpoint(self, stream: _Stream, length: int) -> dict:
+        """Bring the context to `length`, then run the decode steps; return the record."""
+        config = self.config
+        while stream.position < length:
+            self._forward(stream, stream.position, min(stream.position + config.chunk, length), "prefill")
+        step_times = []
+        ttft_s = attn_s = None
+        for step in range(config.decode_steps):
+            start = stream.position
+            if step == config.decode_steps - 1:
+                with AttentionTimer(self.model, self.device) as timer:
+                    self._forward(stream, start, start + 1, "decode")
+                attn_s = timer.total_s
+            else:
+                build_before = stream.build_s
+                elapsed = self._forward(stream, start, start + 1, "decode")
+                if step == 0:
+                    ttft_s = build_before + elapsed
+                else:
+                    step_times.append(elapsed * 1000)
+        tpot_median = statistics.median(step_times)
+        peak = self.sampler.peak()
+        cache = stream.cache
+        held = cache.layers[0].kept if stream.spec.is_compressed else cache.get_seq_length()
+        perplexity = nll_mean = None
+        if stream.nll_count:
+            nll_mean = stream.nll_sum / stream.nll_count
+            perplexity = math.exp(nll_mean)
+        return {
+            "method": stream.spec.name,
+            "length": length,
+            "status": "ok",
+            "batch_size": config.batch_size,
+            "ttft_s": ttft_s,
+            "tpot_ms_median": tpot_median,
+            "tpot_ms_p90": percentile(step_times, 0.9),
+            "throughput_tok_s": config.batch_size * 1000.0 / tpot_median,
+            "attn_ms_mean": attn_s * 1000,
+            "peak_allocated_bytes": peak["peak_allocated_bytes"],
+            "peak_reserved_bytes": peak["peak_reserved_bytes"],
+            "peak_nvml_used_bytes": peak["peak_nvml_used_bytes"],
+            "peak_rss_bytes": peak["peak_rss_bytes"],
+            "cache_bytes": cache_bytes(cache),
+            "cache_tokens": held,
+            "nll_mean": nll_mean,
+            "perplexity": perplexity,
+            "tokens_scored": stream.nll_count or None,
+            "error": None,
+        }
+
+    def run_method(self, spec: MethodSpec, lengths: tuple[int, ...]) -> list[dict]:
+        """Measure `spec` at each of `lengths`; returns the records written (an OOM ends it early)."""
+        self._free()
+        self._warm_up(spec)
+        self.sampler.reset_peak()
+        self._samples: list[dict] = []
+        stream = _Stream(spec, self._new_cache(spec))
+        records, failure, heading_for = [], None, lengths[0]
+        try:
+            for length in lengths:
+                heading_for = length
+                record = self._checkpoint(stream, length)
+                self._flush_samples()
+                records.append(self.writer.add_record(record))
+        except torch.OutOfMemoryError as error:
+            # Keep only the message: the exception's frames hold the cache and activations alive.
+            failure = str(error).splitlines()[0] if str(error) else "out of memory"
+        finally:
+            self._flush_samples()
+        if failure is not None:
+            tokens_seen = stream.position
+            stream = None
+            self._free()
+            self.writer.add_event({"method": spec.name, "type": "oom", "length": heading_for,
+                                   "tokens_seen": tokens_seen, "message": failure})
+            records.append(self.writer.add_record(self._failed_record(spec, heading_for, failure)))
+        return records
+
+    def _failed_record(self, spec: MethodSpec, length: int, message: str) -> dict:
+        record = dict.fromkeys(RECORD_FIELDS, None)
+        record.update(method=spec.name, length=length, status="oom", batch_size=self.config.batch_size, error=message)
+        return record
+
+    def _flush_samples(self) -> None:
+        if self._samples:
+            self.writer.add_samples(self._samples)
+            self._samples = []
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run(self) -> list[dict]:
+        records = []
+        for spec in self.config.methods:
+            records.extend(self.run_method(spec, self.config.lengths))
+        return records
