@@ -1,0 +1,263 @@
+"""Figures from kvstress results files. Reads files only; never loads a model.
+
+    plot_results([Path("results.json")], Path("sweep.png"))
+
+Each results kind has its own figure builder, registered in FIGURE_BUILDERS: a
+function (list of results dicts, list of source names) -> matplotlib Figure.
+The builders return the Figure without saving it, which is the seam the tests
+inspect; plot_results loads, dispatches on "kind" and saves. A new kind
+("batch": throughput and peak memory vs batch size, "ppl") is a new builder
+and a new entry, without touching the sweep one.
+
+matplotlib is used through its object API with the Agg canvas, never pyplot:
+no global figure state, no display needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from kvstress.results import ResultsError, load_results
+
+SUFFIXES = (".png", ".pdf", ".svg")
+_LINESTYLES = ("-", "--", ":", "-.")  # one per results file; colour is per method
+_FAILURE_COLOR = "red"
+
+
+class PlotError(ResultsError):
+    """Results that cannot be drawn; the message names the fix."""
+
+
+def plot_results(paths: Sequence[Path], out: Path) -> Path:
+    """Draw the results files at paths into out (.png, .pdf or .svg); return out."""
+    paths = [Path(path) for path in paths]
+    out = Path(out)
+    if not paths:
+        raise PlotError("no results files given: pass at least one results .json file")
+    if out.suffix.lower() not in SUFFIXES:
+        raise PlotError(f"cannot write a figure to {out}: end the name in {', '.join(SUFFIXES)}")
+    docs = [load_results(path) for path in paths]
+    kinds = sorted({doc["kind"] for doc in docs})
+    if len(kinds) > 1:
+        raise PlotError(
+            f"these files hold different kinds of results ({', '.join(kinds)}): "
+            "plot each kind separately"
+        )
+    builder = FIGURE_BUILDERS.get(kinds[0])
+    if builder is None:
+        raise PlotError(
+            f"kvstress cannot plot {kinds[0]!r} results yet: it plots {', '.join(FIGURE_BUILDERS)}"
+        )
+    figure = builder(docs, source_names(paths, docs))
+    return save_figure(figure, out)
+
+
+def save_figure(figure: Figure, out: Path) -> Path:
+    """Save with the Agg canvas; the suffix picks the format."""
+    FigureCanvasAgg(figure)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out, dpi=150)
+    except OSError as error:
+        raise PlotError(
+            f"cannot write figure {out}: {error.strerror or error}; choose a writable path"
+        ) from error
+    return out
+
+
+def source_names(paths: Sequence[Path], docs: Sequence[dict]) -> list[str]:
+    """Short distinct names for the files: the stem, else stem and device, else the path."""
+    for names in (
+        [path.stem for path in paths],
+        [f"{path.stem} ({doc['environment'].get('device_name')})" for path, doc in zip(paths, docs)],
+    ):
+        if len(set(names)) == len(names):
+            return names
+    return [str(path) for path in paths]
+
+
+# --- shared helpers ---------------------------------------------------------------
+
+
+def _length_label(n: int) -> str:
+    """2000 → "2k", 4096 → "4k", 1500 → "1.5k", 512 → "512"."""
+    if n < 1000:
+        return str(n)
+    if n % 1000 == 0:
+        return f"{n // 1000}k"
+    if n % 1024 == 0:
+        return f"{n // 1024}k"
+    return f"{n / 1000:.1f}".rstrip("0").rstrip(".") + "k"
+
+
+def _byte_scale(values: list[float]) -> tuple[float, str]:
+    largest = max(values, default=0)
+    return (1e9, "GB") if largest >= 1e9 else (1e6, "MB")
+
+
+def _last_per_length(records: list[dict]) -> dict[int, dict]:
+    """A resumed run may measure a point twice (an error, then a retry): the last one counts."""
+    latest: dict[int, dict] = {}
+    for record in records:
+        latest[record["length"]] = record
+    return dict(sorted(latest.items()))
+
+
+def _title(docs: Sequence[dict], kind: str) -> str:
+    def unique(values):
+        return ", ".join(dict.fromkeys(str(value) for value in values))
+
+    models = unique(doc["config"].get("model", "unknown model") for doc in docs)
+    devices = unique(
+        doc["environment"].get("device_name") or doc["environment"].get("device") or "unknown device"
+        for doc in docs
+    )
+    return f"{kind}: {models} on {devices}"
+
+
+# --- sweep ------------------------------------------------------------------------
+
+
+class _Series:
+    """One method of one file: its label, style and records by length."""
+
+    def __init__(self, label: str, color: str, linestyle: str, records: list[dict]) -> None:
+        self.label = label
+        self.color = color
+        self.linestyle = linestyle
+        self.by_length = _last_per_length(records)
+
+    def points(self, field: str) -> tuple[list[int], list[float]]:
+        """Lengths and values of field over the ok records that measured it."""
+        pairs = [
+            (length, record[field])
+            for length, record in self.by_length.items()
+            if record["status"] == "ok" and record.get(field) is not None
+        ]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def failures(self) -> list[dict]:
+        return [record for record in self.by_length.values() if record["status"] != "ok"]
+
+
+def _sweep_series(docs: Sequence[dict], sources: Sequence[str]) -> list[_Series]:
+    methods_per_file = [list(dict.fromkeys(r["method"] for r in doc["records"])) for doc in docs]
+    all_methods = list(dict.fromkeys(m for methods in methods_per_file for m in methods))
+    # Spec strings alone are ambiguous once two files hold the same method.
+    collide = sum(len(methods) for methods in methods_per_file) > len(all_methods)
+    colors = {method: f"C{i % 10}" for i, method in enumerate(all_methods)}
+    series = []
+    for index, (doc, source, methods) in enumerate(zip(docs, sources, methods_per_file)):
+        for method in methods:
+            series.append(
+                _Series(
+                    label=f"{source}: {method}" if collide else method,
+                    color=colors[method],
+                    linestyle=_LINESTYLES[index % len(_LINESTYLES)],
+                    records=[r for r in doc["records"] if r["method"] == method],
+                )
+            )
+    return series
+
+
+def _sweep_panels(records: list[dict]) -> list[tuple[str, str]]:
+    """(field, y label) per panel, for the measures these records hold.
+
+    Memory is labelled by what was measured: torch's allocated bytes on a GPU;
+    on CPU the KV cache's own bytes and the process's RSS, which are different
+    things and get separate panels.
+    """
+    def has(field):
+        return any(record.get(field) is not None for record in records)
+
+    panels = []
+    if has("peak_allocated_bytes"):
+        panels.append(("peak_allocated_bytes", "peak torch allocated"))
+    if has("cache_bytes"):
+        panels.append(("cache_bytes", "KV cache"))
+    if not has("peak_allocated_bytes") and has("peak_rss_bytes"):
+        panels.append(("peak_rss_bytes", "peak process RSS"))
+    panels.append(("tpot_ms_median", "TPOT (ms): median, band to p90"))
+    if has("perplexity"):
+        panels.append(("perplexity", "perplexity"))
+    return panels
+
+
+def _draw_failures(ax, series: _Series) -> None:
+    """A red x at each OOM / error length, at the foot of the panel (it has no value)."""
+    for record in series.failures():
+        word = "OOM" if record["status"] == "oom" else "error"
+        # x in data units, y in axes fraction: the marker sits on the length.
+        ax.plot(
+            [record["length"]], [0.04], "x", color=_FAILURE_COLOR, markersize=10,
+            markeredgewidth=2, transform=ax.get_xaxis_transform(), clip_on=False,
+            gid=f"failure:{series.label}", label="_nolegend_",
+        )
+        ax.annotate(
+            f"{word} {series.label}", (record["length"], 0.09), xycoords=ax.get_xaxis_transform(),
+            rotation=90, fontsize=7, color=_FAILURE_COLOR, ha="center", va="bottom",
+        )
+
+
+def build_sweep_figure(docs: Sequence[dict], sources: Sequence[str] | None = None) -> Figure:
+    """Memory, TPOT and perplexity against context length, one line per method.
+
+    docs are loaded results dicts of kind "sweep"; sources name them (file stems)
+    and prefix the labels when two files hold the same method.
+    """
+    sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(docs))]
+    records = [record for doc in docs for record in doc["records"]]
+    if not records:
+        raise PlotError("these results hold no records yet: plot them once a checkpoint is done")
+    series = _sweep_series(docs, sources)
+    panels = _sweep_panels(records)
+    lengths = sorted({record["length"] for record in records})
+
+    figure = Figure(figsize=(4.6 * len(panels), 4.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (field, ylabel) in zip(axes, panels):
+        scale, unit = 1.0, ""
+        if field.endswith("_bytes"):
+            scale, unit = _byte_scale([r[field] for r in records if r.get(field) is not None])
+            ylabel = f"{ylabel} ({unit})"
+        for line in series:
+            xs, ys = line.points(field)
+            if xs:
+                ax.plot(
+                    xs, [y / scale for y in ys], marker="o", markersize=4, color=line.color,
+                    linestyle=line.linestyle, label=line.label,
+                )
+            if field == "tpot_ms_median":
+                band = [
+                    (length, record["tpot_ms_median"], record["tpot_ms_p90"])
+                    for length, record in line.by_length.items()
+                    if record["status"] == "ok"
+                    and record["tpot_ms_median"] is not None
+                    and record["tpot_ms_p90"] is not None
+                ]
+                if band:
+                    ax.fill_between(
+                        [b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                        color=line.color, alpha=0.2, linewidth=0,
+                    )
+            _draw_failures(ax, line)
+        ax.set_xscale("log")
+        ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(_title(docs, "sweep"))
+    return figure
+
+
+FIGURE_BUILDERS: dict[str, Callable[[Sequence[dict], Sequence[str]], Figure]] = {
+    "sweep": build_sweep_figure,
+}
