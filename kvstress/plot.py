@@ -251,7 +251,10 @@ def build_sweep_figure(docs: Sequence[dict], sources: Sequence[str] | None = Non
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
+        if field != "perplexity":
+            # Memory and time read as proportions from zero; perplexity differences
+            # between methods are small next to its size and would vanish.
+            ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle(_title(docs, "sweep"))
