@@ -1,0 +1,173 @@
+"""The command line, driven like a user drives it: exit codes, messages, files written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from kvstress.cli import app
+from kvstress.models import load_model
+
+runner = CliRunner()
+
+# A tiny sweep: every method overflows its cache by the second checkpoint.
+TINY = ["--model", "tiny-random", "--lengths", "192,384", "--chunk", "64", "--decode-steps", "4", "--capacity", "48"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    words = "It was the best of times, it was the worst of times, it was the age of wisdom. "
+    path.write_text(words * 200, encoding="utf-8")
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def read(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_tiny_sweep_end_to_end(tmp_path, text_file):
+    out = tmp_path / "results.json"
+    result = invoke("sweep", *TINY, "--dataset", str(text_file), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    doc = read(out)
+    assert doc["complete"] is True
+    assert [(r["method"], r["length"], r["status"]) for r in doc["records"]] == [
+        (method, length, "ok")
+        for method in ("baseline", "streaming_4_48", "h2o_4_6_48")
+        for length in (192, 384)
+    ]
+    by_method = {(r["method"], r["length"]): r for r in doc["records"]}
+    # The full cache holds everything; compressed caches hold their capacity.
+    assert by_method["baseline", 384]["cache_tokens"] == 384 + 4  # the context and the 4 decode steps after it
+    assert by_method["streaming_4_48", 384]["cache_tokens"] == 48
+    assert by_method["h2o_4_6_48", 384]["cache_tokens"] == 48
+    assert by_method["baseline", 384]["cache_bytes"] > by_method["baseline", 192]["cache_bytes"]
+    assert by_method["h2o_4_6_48", 384]["cache_bytes"] == by_method["h2o_4_6_48", 192]["cache_bytes"]
+    for record in doc["records"]:
+        assert record["tpot_ms_median"] > 0 and record["tpot_ms_p90"] >= record["tpot_ms_median"]
+        assert record["ttft_s"] > 0 and record["attn_ms_mean"] > 0 and record["peak_rss_bytes"] > 0
+        assert record["perplexity"] is None  # random weights: not measured, not 0
+    samples = doc["samples"]
+    assert {s["phase"] for s in samples} == {"prefill", "decode"}
+    assert {s["method"] for s in samples} == {"baseline", "streaming_4_48", "h2o_4_6_48"}
+    assert doc["environment"]["versions"]["transformers"]
+    assert "tiny-random" in result.output or "tiny-random" in result.stderr
+
+
+def test_simulated_oom_ends_one_method_and_the_rest_are_measured(tmp_path, text_file):
+    model = load_model("tiny-random").model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = model.config
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    budget = weights + 300 * per_token  # the full cache passes 192 tokens and fails before 384
+    out = tmp_path / "results.json"
+    result = invoke("sweep", *TINY, "--dataset", str(text_file), "--max-memory", str(budget), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    doc = read(out)
+    statuses = [(r["method"], r["length"], r["status"]) for r in doc["records"]]
+    assert statuses == [
+        ("baseline", 192, "ok"),
+        ("baseline", 384, "oom"),
+        ("streaming_4_48", 192, "ok"),
+        ("streaming_4_48", 384, "ok"),
+        ("h2o_4_6_48", 192, "ok"),
+        ("h2o_4_6_48", 384, "ok"),
+    ]
+    oom = doc["records"][1]
+    assert "memory budget exceeded" in oom["error"]
+    assert oom["tpot_ms_median"] is None and oom["cache_bytes"] is None
+    events = [e for e in doc["events"] if e["type"] == "oom"]
+    # Prefill resumes at 196 after the first decode steps; the chunk ending at 324 is the first past 300.
+    assert len(events) == 1 and events[0]["tokens_seen"] == 324
+
+
+def test_plot_writes_a_figure_from_a_results_file(tmp_path, text_file):
+    out = tmp_path / "results.json"
+    assert invoke("sweep", *TINY, "--dataset", str(text_file), "--out", str(out), "-m", "baseline").exit_code == 0
+    figure = tmp_path / "figure.png"
+    result = invoke("plot", str(out), "--out", str(figure))
+    assert result.exit_code == 0, result.output
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "lru_4_256"], "write baseline, streaming_S_C or h2o_S_W_C"),
+        (["--method", "h2o", "--capacity", "8", "--window", "8"], "use a capacity above 12"),
+        (["--lengths", "4k,2k"], "--lengths must increase"),
+        (["--lengths", "0"], "positive whole number"),
+        (["--lengths", "two"], "cannot read length"),
+        (["--chunk", "0"], "--chunk must be positive"),
+        (["--decode-steps", "2"], "--decode-steps must be at least 3"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--positions", "absolute"], "--positions must be one of"),
+        (["--max-memory", "lots"], "--max-memory"),
+        (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+    ],
+)
+def test_bad_options_are_one_line_errors_with_exit_2(tmp_path, args, message):
+    result = invoke("sweep", "--model", "tiny-random", "--out", str(tmp_path / "r.json"), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_text_file_fails_before_the_model_loads(tmp_path):
+    result = invoke("sweep", "--model", "tiny-random", "--dataset", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r.json"))
+    assert result.exit_code == 2
+    assert "none.txt" in result.stderr
+
+
+def test_text_shorter_than_the_longest_length(tmp_path, text_file):
+    result = invoke("sweep", *TINY[:2], "--lengths", "100k", "--dataset", str(text_file), "--out", str(tmp_path / "r.json"))
+    assert result.exit_code == 2
+    assert "use shorter --lengths" in result.stderr
+
+
+def test_existing_results_file_is_not_overwritten(tmp_path, text_file):
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    result = invoke("sweep", *TINY, "--dataset", str(text_file), "--out", str(out))
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr
+    assert out.read_text() == "{}"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("sweep", "--method", "nope", "--debug", "--out", str(tmp_path / "r.json"))
+    assert result.exit_code != 2 and result.exception is not None
+
+
+def test_plot_refuses_a_file_that_is_not_ours(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": "world"}))
+    result = invoke("plot", str(other))
+    assert result.exit_code == 2
+    assert "not a kvstress results file" in result.stderr
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_short_sweep(tmp_path):
+    out = tmp_path / "results.json"
+    result = invoke(
+        "sweep", "--model", "smollm2-135m", "--dataset", "shakespeare", "--lengths", "512,1024", "--chunk", "256",
+        "--decode-steps", "4", "--capacity", "128", "--out", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    records = read(out)["records"]
+    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+    ppl = {(r["method"], r["length"]): r["perplexity"] for r in records}
+    # Real weights on real text: a sane perplexity, and evicting costs some of it.
+    assert all(math.isfinite(v) and 1 < v < 200 for v in ppl.values())
+    assert ppl["baseline", 1024] <= ppl["streaming_4_128", 1024]
