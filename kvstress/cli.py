@@ -6,6 +6,7 @@ line on stderr that names the fix and exit with code 2; `--debug` shows the trac
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -170,7 +171,8 @@ def print_summary(records: list[dict]) -> None:
             format_bytes(peak), format_bytes(r.get("cache_bytes")), _fmt(r.get("cache_tokens"), "d"),
             _fmt(r.get("perplexity")),
         )
-    Console().print(table)
+    # Piped output has no terminal width; keep the table readable in logs.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @app.command()
