@@ -188,3 +188,127 @@ def plot(
         target = out or results[0].with_suffix(".png")
         written = plot_results(results, target)
     console.print(f"figure: {written}")
+
+
+# --- perplexity, report, compare (issue 4) --------------------------------------------
+
+
+def _token_count(text: str, option: str) -> int:
+    from .config import parse_length
+
+    try:
+        return parse_length(text)
+    except ConfigError as error:
+        raise ConfigError(f"{option}: {error}") from None
+
+
+@contextmanager
+def _ppl_progress(config):
+    """A progress bar per method of a ppl run (perplexity.PplConfig); yields the callback that advances them."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    ) as progress:
+        bars = {spec.name: progress.add_task(spec.name, total=config.tokens) for spec in config.methods}
+
+        def advance(method: str, n: int) -> None:
+            progress.advance(bars[method], n)
+
+        yield advance
+
+
+def _notify(message: str) -> None:
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def print_ppl_table(run) -> None:
+    """Bucket and overall perplexity of a ppl run (perplexity.PplRun)."""
+    table = Table(title=f"kvstress ppl — {run.text_name}, {run.config.mode}")
+    for column in ("method", "context", "status", "scored", "NLL", "PPL", "TPOT (ms)"):
+        table.add_column(column, justify="left" if column in ("method", "status") else "right")
+    overall = {id(record) for record in run.overall.values()}
+    starts = dict(zip(run.config.buckets, (0,) + run.config.buckets[:-1]))
+    for r in run.records:
+        context = "all" if id(r) in overall else f"{starts.get(r['length'], 0) + 1}–{r['length']}"
+        table.add_row(r["method"], context, r["status"], _fmt(r.get("tokens_scored"), "d"), _fmt(r.get("nll_mean"), ".4f"),
+                      _fmt(r.get("perplexity")), _fmt(r.get("tpot_ms_median")))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command()
+def ppl(
+    method: list[str] = typer.Option(
+        ["all"], "--method", "-m",
+        help="baseline, streaming, h2o, all, or spec strings such as h2o_4_32_256 (repeatable, or comma-separated).",
+    ),
+    capacity: Optional[int] = typer.Option(None, help="Tokens a compressed cache holds (default 256)."),
+    sink: Optional[int] = typer.Option(None, help="Attention-sink tokens kept from the start (default 4)."),
+    window: Optional[int] = typer.Option(None, help="H2O's recent window (default capacity/8)."),
+    tokens: str = typer.Option("4k", help="Tokens of text to score (e.g. 4096 or 4k)."),
+    chunk: int = typer.Option(1, help="Tokens per forward: 1 is exact streaming perplexity; more is faster but an approximation (tokens in a chunk see each other past the cache's capacity)."),
+    buckets: Optional[str] = typer.Option(None, help="Length bucket edges, e.g. 1k,2k,4k; default 1k, 2k, 4k ... up to --tokens."),
+    model: str = typer.Option("smollm2-135m", help="HF id, local folder, smollm2-135m (bundled), random:<arch> or tiny-random."),
+    dataset: Optional[str] = typer.Option(None, help="pg19, wikitext, shakespeare (bundled) or a text file; default pg19, else shakespeare."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16."),
+    positions: str = typer.Option("original", help="Compressed caches: original (absolute) or shifted (positions inside the cache)."),
+    out: Path = typer.Option(Path("ppl.json"), "--out", "-o", help="Results file (JSON, kind ppl), written after each bucket."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the results file if it exists."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Streaming perplexity of a text under each cache: every token scored through the compressed cache."""
+    from .perplexity import PplConfig, parse_buckets, run_ppl
+
+    with user_errors(debug):
+        count = _token_count(tokens, "--tokens")
+        edges, note = parse_buckets(buckets, count)
+        config = PplConfig(
+            methods=build_methods(method, capacity, sink, window), tokens=count, buckets=edges, model=model,
+            dataset=dataset, chunk=chunk, device=device, dtype=dtype, positions=positions, out=out,
+        )
+        run = run_ppl(config, force=force, notify=_notify, progress=_ppl_progress, bucket_note=note)
+    print_ppl_table(run)
+    console.print(f"results: {config.out}   table: kvstress report {config.out}")
+
+
+@app.command()
+def report(
+    results: list[Path] = typer.Argument(..., help="Results files (ppl and sweep) to merge into one table."),
+    format: str = typer.Option("markdown", "--format", "-f", help="markdown, csv or json."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """A comparison table (one row per method) from results files: perplexity, time and memory."""
+    from .report import build_report, render
+
+    with user_errors(debug):
+        text = render(build_report(results), format)
+    sys.stdout.write(text)
+
+
+@app.command()
+def compare(
+    datasets: str = typer.Option("pg19,wikitext", help="Comma-separated: pg19, wikitext, shakespeare or text files."),
+    tokens: str = typer.Option("4k", help="Tokens of each text to score."),
+    chunk: int = typer.Option(1, help="Tokens per forward: 1 is exact; more is faster but an approximation."),
+    buckets: Optional[str] = typer.Option(None, help="Length bucket edges, e.g. 1k,2k,4k."),
+    model: str = typer.Option("smollm2-135m", help="HF id, local folder, smollm2-135m (bundled), random:<arch> or tiny-random."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16."),
+    positions: str = typer.Option("original", help="Compressed caches: original or shifted positions."),
+    out_dir: Path = typer.Option(Path("compare"), "--out-dir", help="Folder for one results file per dataset."),
+    format: str = typer.Option("markdown", "--format", "-f", help="Table format: markdown, csv or json."),
+    force: bool = typer.Option(False, "--force", help="Overwrite results files that exist."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """The seed experiment's six configurations on each dataset, then the comparison table."""
+    from .perplexity import run_compare
+    from .report import build_report, render
+
+    names = [name.strip() for name in datasets.split(",") if name.strip()]
+    with user_errors(debug):
+        run = run_compare(names, tokens=_token_count(tokens, "--tokens"), chunk=chunk, model=model, out_dir=out_dir,
+                          device=device, dtype=dtype, positions=positions, buckets=buckets, force=force,
+                          notify=_notify, progress=_ppl_progress)
+        text = render(build_report(run.written, datasets=names), format)
+    sys.stdout.write(text)
+    console.print(f"results: {', '.join(map(str, run.written))}")

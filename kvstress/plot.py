@@ -261,6 +261,53 @@ def build_sweep_figure(docs: Sequence[dict], sources: Sequence[str] | None = Non
     return figure
 
 
+# --- ppl --------------------------------------------------------------------------
+
+
+def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None) -> Figure:
+    """Perplexity per context-length bucket, one line per method (and file), OOMs marked.
+
+    docs are loaded results dicts of kind "ppl"; each bucket's point sits at the
+    bucket's end. The overall records (see perplexity.py) are left out.
+    """
+    from kvstress.report import dataset_name, split_ppl_records
+
+    sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(docs))]
+    bucket_docs = []
+    for doc, source in zip(docs, sources):
+        buckets, _ = split_ppl_records(doc, source)
+        bucket_docs.append({**doc, "records": buckets})
+    records = [record for doc in bucket_docs for record in doc["records"]]
+    if not records:
+        raise PlotError("these results hold no perplexity yet: plot them once a bucket is done")
+    # Files of different texts are told apart by their dataset, not only their name.
+    labels = [
+        f"{source} ({dataset_name(doc)})" if len(docs) > 1 and dataset_name(doc) else source
+        for doc, source in zip(docs, sources)
+    ]
+    series = _sweep_series(bucket_docs, labels)
+    lengths = sorted({record["length"] for record in records})
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = figure.subplots()
+    for line in series:
+        xs, ys = line.points("perplexity")
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=4, color=line.color, linestyle=line.linestyle, label=line.label)
+        _draw_failures(ax, line)
+    if len(lengths) > 1 and lengths[-1] / lengths[0] >= 4:
+        ax.set_xscale("log")
+    ax.set_xticks(lengths, [_length_label(n) for n in lengths])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("context length (tokens, bucket end)")
+    ax.set_ylabel("perplexity of the tokens in the bucket")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.suptitle(_title(docs, "ppl"))
+    return figure
+
+
 FIGURE_BUILDERS: dict[str, Callable[[Sequence[dict], Sequence[str]], Figure]] = {
     "sweep": build_sweep_figure,
+    "ppl": build_ppl_figure,
 }

@@ -1,0 +1,268 @@
+"""The comparison table: one row per method, merged from results files. Reads files only.
+
+    kvstress report pg19.json wikitext.json sweep.json --format markdown|csv|json
+
+Columns are the seed experiment's (SEED_RESULTS.md) plus context length and device:
+
+    Configuration                  the method's spec string
+    Context length                 tokens scored (ppl) and the sweep length used
+    Wikitext PPL, PG-19 PPL        overall perplexity of ppl results, by their dataset;
+    <name> PPL                     any other dataset (shakespeare, a file) gets its own column
+    Total Time (s) ... Peak Mem    time and memory: from a sweep file when one holds the
+                                   method (its largest length that is ok), else from the
+                                   ppl run with the most tokens (the run's forward time
+                                   per token, its total forward time and its peak memory)
+    Device                         the device the numbers were measured on
+
+Peak Mem is torch's peak allocated bytes when measured, else the process's peak RSS,
+in GB (1e9 bytes). A sweep's Total Time cannot be derived honestly from its samples
+(their clock runs across methods and warm-ups and misses the first forward), so it
+shows "–"; a ppl run records its total forward time. TTFT is only measured by sweeps.
+A value not measured is "–" (null in JSON), never 0; a ppl run that ran out of
+memory shows "OOM".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .results import ResultsError, load_results, validate_record
+
+FORMATS = ("markdown", "csv", "json")
+# The event that marks a ppl file's overall record (see perplexity.py).
+OVERALL_EVENT = "ppl_overall"
+DATASET_COLUMNS = {"wikitext": "Wikitext PPL", "pg19": "PG-19 PPL"}
+TIME_COLUMNS = ("Total Time (s)", "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)", "Peak Mem (GB)")
+# Column → digits after the point, as in the seed table.
+_DIGITS = {"Total Time (s)": 4, "Avg Attn (ms)": 4, "TTFT (s)": 4, "TPOT (ms)": 2,
+           "Throughput (tok/s)": 2, "Peak Mem (GB)": 2}
+MISSING = "–"
+OOM = "OOM"
+
+
+@dataclass
+class Report:
+    columns: list[str]
+    rows: list[dict]  # column → int, float, str or None (not measured); OOM for a ppl that ran out of memory
+    notes: list[str] = field(default_factory=list)
+
+
+# --- reading ------------------------------------------------------------------------
+
+
+def _load(path: Path) -> dict:
+    doc = load_results(path)
+    if doc["kind"] not in ("sweep", "ppl"):
+        raise ResultsError(f"{path} holds {doc['kind']!r} results: the report reads sweep and ppl results files")
+    try:
+        doc["records"] = [validate_record(record) for record in doc["records"]]
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ResultsError(f"{path} is damaged: a record is malformed ({error}); rerun to write it again") from None
+    if not isinstance(doc.get("environment"), dict):
+        raise ResultsError(f"{path} is damaged: 'environment' is missing; rerun to write it again")
+    return doc
+
+
+def split_ppl_records(doc: dict, path: Path | str = "results") -> tuple[list[dict], dict[str, dict]]:
+    """(bucket and oom records, overall record per method) of a ppl results dict.
+
+    The overall records are the ones a "ppl_overall" event points at by index.
+    """
+    records = doc["records"]
+    overall: dict[str, dict] = {}
+    marked: set[int] = set()
+    for event in doc["events"]:
+        if not isinstance(event, dict) or event.get("type") != OVERALL_EVENT:
+            continue
+        index = event.get("record")
+        if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(records)
+                or records[index]["method"] != event.get("method")):
+            raise ResultsError(f"{path} is damaged: a {OVERALL_EVENT} event points at no matching record; rerun it")
+        marked.add(index)
+        overall[records[index]["method"]] = {**records[index], "total_s": event.get("total_s")}
+    return [r for i, r in enumerate(records) if i not in marked], overall
+
+
+def dataset_name(doc: dict) -> str | None:
+    """The text a results file scored: its last "dataset" event, else its config's dataset."""
+    for event in reversed(doc["events"]):
+        if isinstance(event, dict) and event.get("type") == "dataset" and isinstance(event.get("name"), str):
+            return event["name"]
+    name = doc["config"].get("dataset")
+    return name if isinstance(name, str) else None
+
+
+def ppl_column(dataset: str | None) -> str:
+    """pg19 → "PG-19 PPL", wikitext → "Wikitext PPL", shakespeare → "shakespeare PPL", a/b.txt → "b.txt PPL"."""
+    if dataset is None:
+        return "unknown dataset PPL"
+    return DATASET_COLUMNS.get(dataset, f"{Path(dataset).name} PPL")
+
+
+def _device(doc: dict) -> str | None:
+    env = doc["environment"]
+    return env.get("device_name") or env.get("device")
+
+
+def _peak_gb(record: dict) -> float | None:
+    peak = record.get("peak_allocated_bytes")
+    if peak is None:
+        peak = record.get("peak_rss_bytes")
+    return None if peak is None else peak / 1e9
+
+
+def _time_columns(record: dict, total_s: float | None) -> dict:
+    return {
+        "Total Time (s)": total_s,
+        "Avg Attn (ms)": record.get("attn_ms_mean"),
+        "TTFT (s)": record.get("ttft_s"),
+        "TPOT (ms)": record.get("tpot_ms_median"),
+        "Throughput (tok/s)": record.get("throughput_tok_s"),
+        "Peak Mem (GB)": _peak_gb(record),
+    }
+
+
+# --- building -----------------------------------------------------------------------
+
+
+class _Row:
+    def __init__(self, method: str):
+        self.method = method
+        self.lengths: list[int] = []
+        self.devices: list[str] = []
+        self.ppl: dict[str, float | str | None] = {}
+        self.time: dict | None = None
+        self.time_rank: tuple = ()  # sweep beats ppl; then the longer context
+        self.time_source: str | None = None
+
+    def add_context(self, length: int | None, device: str | None) -> None:
+        if length is not None and length not in self.lengths:
+            self.lengths.append(length)
+        if device and device not in self.devices:
+            self.devices.append(device)
+
+    def offer_time(self, rank: tuple, columns: dict, source: str) -> None:
+        if self.time is None or rank > self.time_rank:
+            self.time, self.time_rank, self.time_source = columns, rank, source
+
+
+def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -> Report:
+    """Merge results files into one row per method. `datasets` adds PPL columns even when no file has them."""
+    paths = [Path(path) for path in paths]
+    if not paths:
+        raise ResultsError("no results files given: pass at least one results .json file")
+    docs = [(path, _load(path)) for path in paths]
+    rows: dict[str, _Row] = {}
+    ppl_columns = [ppl_column(name) for name in datasets]
+    notes: list[str] = []
+
+    def row(method: str) -> _Row:
+        return rows.setdefault(method, _Row(method))
+
+    for order, (path, doc) in enumerate(docs):
+        device = _device(doc)
+        if doc["kind"] == "ppl":
+            column = ppl_column(dataset_name(doc))
+            if column not in ppl_columns:
+                ppl_columns.append(column)
+            others, overall = split_ppl_records(doc, path)
+            for method in dict.fromkeys(r["method"] for r in doc["records"]):
+                entry = row(method)
+                if method in overall:
+                    record = overall[method]
+                    entry.ppl[column] = record["perplexity"]
+                    entry.add_context(record["length"], device)
+                    entry.offer_time((0, record["length"], -order), _time_columns(record, record["total_s"]),
+                                     f"{path.name} (ppl)")
+                elif any(r["method"] == method and r["status"] == "oom" for r in others):
+                    entry.ppl.setdefault(column, OOM)
+                    oom = next(r for r in others if r["method"] == method and r["status"] == "oom")
+                    notes.append(f"{method}: out of memory heading for {oom['length']} tokens in {path.name}")
+                else:
+                    entry.ppl.setdefault(column, None)
+                    notes.append(f"{method}: {path.name} has no overall perplexity (run interrupted?)")
+        else:
+            for method in dict.fromkeys(r["method"] for r in doc["records"]):
+                entry = row(method)
+                ok = [r for r in doc["records"] if r["method"] == method and r["status"] == "ok"]
+                failed = [r for r in doc["records"] if r["method"] == method and r["status"] != "ok"]
+                for r in failed:
+                    notes.append(f"{method}: {r['status']} at {r['length']} tokens in {path.name}")
+                if not ok:
+                    continue
+                record = max(ok, key=lambda r: r["length"])
+                entry.add_context(record["length"], device)
+                entry.offer_time((1, record["length"], -order), _time_columns(record, None), f"{path.name} (sweep)")
+
+    columns = ["Configuration", "Context length", *_order_ppl(ppl_columns), *TIME_COLUMNS, "Device"]
+    table = []
+    for entry in rows.values():
+        values = dict.fromkeys(columns)
+        values["Configuration"] = entry.method
+        values["Context length"] = " / ".join(map(str, entry.lengths)) or None
+        values["Device"] = "; ".join(entry.devices) or None
+        for column in ppl_columns:
+            values[column] = entry.ppl.get(column)
+        if entry.time is not None:
+            values.update(entry.time)
+        table.append(values)
+    sources = sorted({entry.time_source for entry in rows.values() if entry.time is not None})
+    if sources:
+        notes.insert(0, f"time and memory from: {', '.join(sources)}")
+    return Report(columns, table, notes)
+
+
+def _order_ppl(columns: list[str]) -> list[str]:
+    """Wikitext and PG-19 first, as in the seed table; the others in the order met."""
+    seeded = [c for c in DATASET_COLUMNS.values() if c in columns]
+    return seeded + [c for c in columns if c not in seeded]
+
+
+# --- rendering ----------------------------------------------------------------------
+
+
+def format_value(column: str, value) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, str):
+        return value
+    if column.endswith(" PPL"):
+        return f"{value:.2f}"
+    if column in _DIGITS:
+        return f"{value:.{_DIGITS[column]}f}"
+    return str(value)
+
+
+def render(report: Report, fmt: str = "markdown") -> str:
+    if fmt not in FORMATS:
+        raise ResultsError(f"unknown report format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        rows = [{c: (None if v == OOM else v) for c, v in row.items()} for row in report.rows]
+        return json.dumps({"columns": report.columns, "rows": rows, "notes": report.notes}, indent=1) + "\n"
+    cells = [[format_value(c, row[c]) for c in report.columns] for row in report.rows]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(report.columns)
+        writer.writerows(cells)
+        return buffer.getvalue()
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(report.columns)]
+    left = {0, len(report.columns) - 1}  # Configuration and Device read left to right
+
+    def line(values):
+        return "| " + " | ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))) + " |"
+
+    rule = "| " + " | ".join((":" + "-" * (w - 1)) if i in left else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
+    text = "\n".join([line(report.columns), rule, *(line(r) for r in cells)]) + "\n"
+    if report.notes:
+        text += "\n" + "\n".join(f"- {note}" for note in report.notes) + "\n"
+    return text
+
+
+__all__ = ["FORMATS", "MISSING", "OVERALL_EVENT", "Report", "build_report", "dataset_name", "ppl_column",
+           "render", "split_ppl_records"]

@@ -1,0 +1,191 @@
+"""Streaming perplexity: exactness against a plain forward, equality while nothing is evicted,
+buckets that partition the tokens, OOM handling, and `kvstress ppl` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from kvstress.cli import app
+from kvstress.config import ConfigError
+from kvstress.models import load_model
+from kvstress.perplexity import PerplexityRunner, PplConfig, parse_buckets
+from kvstress.report import split_ppl_records
+from kvstress.results import ResultsWriter, load_results
+from kvstress.spec import parse_spec
+
+N = 96  # tokens scored per test stream
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model's forward is ~1 ms on one thread; with two intra-op threads on a busy
+    2-core machine it can stall ~50 ms per forward waiting for the second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-random").model
+
+
+@pytest.fixture(scope="module")
+def ids():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(4, 260, (1, N + 1), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    words = "It was the best of times, it was the worst of times, it was the age of wisdom. "
+    path.write_text(words * 40, encoding="utf-8")
+    return path
+
+
+def run(tmp_path, model, ids, methods, *, chunk=1, buckets=(32, 64, N), positions="original"):
+    config = PplConfig(methods=tuple(parse_spec(m) for m in methods), tokens=N, buckets=buckets,
+                       model="tiny-random", chunk=chunk, positions=positions, out=tmp_path / "ppl.json")
+    writer = ResultsWriter(config.out, "ppl", config.to_json(), {"device": "cpu"}, overwrite=True)
+    runner = PerplexityRunner(config, model, ids, writer)
+    for spec in config.methods:
+        runner.run_method(spec)
+    writer.finish()
+    return split_ppl_records(load_results(config.out))
+
+
+def test_exact_baseline_equals_full_sequence_cross_entropy(tmp_path, model, ids):
+    buckets, overall = run(tmp_path, model, ids, ["baseline"])
+    with torch.no_grad():
+        logits = model(ids[:, :N]).logits[0].float()
+    per_token = F.cross_entropy(logits, ids[0, 1:], reduction="none").double()
+    assert overall["baseline"]["nll_mean"] == pytest.approx(per_token.mean().item(), rel=1e-6, abs=1e-6)
+    assert overall["baseline"]["perplexity"] == pytest.approx(math.exp(per_token.mean().item()), rel=1e-6)
+    for record, (lo, hi) in zip(buckets, [(0, 32), (32, 64), (64, N)]):
+        assert record["length"] == hi
+        assert record["nll_mean"] == pytest.approx(per_token[lo:hi].mean().item(), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+@pytest.mark.parametrize("positions", ["original", "shifted"])
+def test_compressed_policies_equal_the_baseline_while_tokens_fit(tmp_path, model, ids, chunk, positions):
+    methods = ["baseline", f"streaming_4_{N}", f"h2o_4_8_{N + 16}"]
+    if positions == "shifted":
+        methods = methods[1:]
+        reference = run(tmp_path / "ref", model, ids, ["baseline"], chunk=chunk)
+    buckets, overall = run(tmp_path, model, ids, methods, chunk=chunk, positions=positions)
+    if positions == "shifted":
+        buckets, overall = buckets + reference[0], {**overall, **reference[1]}
+    for method in methods:
+        assert overall[method]["nll_mean"] == pytest.approx(overall["baseline"]["nll_mean"], rel=1e-5)
+        mine = [r["nll_mean"] for r in buckets if r["method"] == method]
+        base = [r["nll_mean"] for r in buckets if r["method"] == "baseline"]
+        assert mine == pytest.approx(base, rel=1e-5)
+
+
+def test_eviction_changes_perplexity_and_chunking_is_an_approximation(tmp_path, model, ids):
+    _, exact = run(tmp_path / "exact", model, ids, ["baseline", "streaming_4_16"])
+    _, chunked = run(tmp_path / "chunked", model, ids, ["streaming_4_16"], chunk=16)
+    assert exact["streaming_4_16"]["nll_mean"] != pytest.approx(exact["baseline"]["nll_mean"], rel=1e-6)
+    assert chunked["streaming_4_16"]["nll_mean"] != pytest.approx(exact["streaming_4_16"]["nll_mean"], rel=1e-6)
+
+
+def test_buckets_partition_the_tokens(tmp_path, model, ids):
+    buckets, overall = run(tmp_path, model, ids, ["baseline", "h2o_2_4_24"], chunk=5, buckets=(10, 50, N))
+    for method in ("baseline", "h2o_2_4_24"):
+        mine = [r for r in buckets if r["method"] == method]
+        assert [r["length"] for r in mine] == [10, 50, N]
+        assert sum(r["tokens_scored"] for r in mine) == overall[method]["tokens_scored"] == N
+        weighted = sum(r["nll_mean"] * r["tokens_scored"] for r in mine) / N
+        assert weighted == pytest.approx(overall[method]["nll_mean"], rel=1e-9)
+        for r in mine:  # bucket records carry only the perplexity fields
+            assert r["status"] == "ok" and r["tpot_ms_median"] is None and r["batch_size"] is None
+        record = overall[method]
+        assert record["length"] == N and record["tpot_ms_median"] > 0 and record["throughput_tok_s"] > 0
+        assert record["peak_rss_bytes"] > 0 and record["cache_tokens"] == (N if method == "baseline" else 24)
+        assert record["total_s"] > 0
+
+
+def test_parse_buckets():
+    assert parse_buckets(None, 4096) == ((1024, 2048, 4096), None)
+    assert parse_buckets(None, 500) == ((500,), None)
+    edges, note = parse_buckets("1k,2k,4k,8k", 3000)
+    assert edges == (1024, 2048, 3000) and "8192" in note and "4096" in note
+    assert parse_buckets("1k,4k", 4096) == ((1024, 4096), None)
+    with pytest.raises(ConfigError, match="must increase"):
+        parse_buckets("2k,1k", 4096)
+
+
+def test_out_of_memory_ends_one_method_and_the_next_runs(tmp_path, model, ids, monkeypatch):
+    original = PerplexityRunner._forward
+
+    def forward(self, cache, nll, start, end):
+        if type(cache).__name__ == "DynamicCache" and start >= 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+        return original(self, cache, nll, start, end)
+
+    monkeypatch.setattr(PerplexityRunner, "_forward", forward)
+    buckets, overall = run(tmp_path, model, ids, ["baseline", "streaming_4_16"])
+    assert [(r["method"], r["length"], r["status"]) for r in buckets] == [
+        ("baseline", 32, "ok"), ("baseline", 64, "oom"),
+        ("streaming_4_16", 32, "ok"), ("streaming_4_16", 64, "ok"), ("streaming_4_16", N, "ok"),
+    ]
+    assert buckets[1]["error"] == "CUDA out of memory. Tried to allocate 2 GiB"
+    assert set(overall) == {"streaming_4_16"}
+    events = [e for e in load_results(tmp_path / "ppl.json")["events"] if e["type"] == "oom"]
+    assert events[0]["tokens_seen"] == 40
+
+
+def test_ppl_cli_end_to_end(tmp_path, text_file):
+    out = tmp_path / "ppl.json"
+    result = CliRunner().invoke(app, [
+        "ppl", "--model", "tiny-random", "--dataset", str(text_file), "--tokens", "120", "--buckets", "40,80,1k",
+        "--capacity", "32", "--chunk", "4", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "ppl" and doc["complete"] is True
+    assert doc["config"]["buckets"] == [[0, 40], [40, 80], [80, 120]] and doc["config"]["chunk"] == 4
+    assert "approximation" in doc["config"]["mode"]
+    buckets, overall = split_ppl_records(doc)
+    assert [(r["method"], r["length"]) for r in buckets] == [
+        (m, n) for m in ("baseline", "streaming_4_32", "h2o_4_4_32") for n in (40, 80, 120)
+    ]
+    assert set(overall) == {"baseline", "streaming_4_32", "h2o_4_4_32"}
+    assert any(e["type"] == "buckets" and "1024" in e["message"] for e in doc["events"])
+    assert "h2o_4_4_32" in result.stdout and "all" in result.stdout
+    assert "approximates" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk", "0"], "--chunk must be positive"),
+    (["--tokens", "lots"], "--tokens"),
+    (["--buckets", "2k,1k"], "--buckets must increase"),
+    (["--method", "lru_4"], "write baseline, streaming_S_C or h2o_S_W_C"),
+    (["--dataset", "/nonexistent/book.txt"], "no such file"),
+])
+def test_ppl_cli_errors_are_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["ppl", "--model", "tiny-random", "--tokens", "64", "--out", str(tmp_path / "p.json"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_ppl(tmp_path):
+    out = tmp_path / "ppl.json"
+    result = CliRunner().invoke(app, [
+        "ppl", "--model", "smollm2-135m", "--dataset", "shakespeare", "--tokens", "512", "--buckets", "128,256",
+        "--method", "baseline", "--method", "streaming_4_64", "--chunk", "8", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    _, overall = split_ppl_records(load_results(out))
+    assert all(1 < r["perplexity"] < 200 for r in overall.values())
+    assert overall["baseline"]["perplexity"] <= overall["streaming_4_64"]["perplexity"]
