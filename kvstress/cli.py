@@ -60,17 +60,27 @@ def _size(text: Optional[str]) -> Optional[int]:
 
 
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")
+# Options that mean the same in every command that takes them.
+METHOD_OPTION = typer.Option(
+    ["all"], "--method", "-m",
+    help="baseline, streaming, h2o, all, or spec strings such as h2o_4_32_256 (repeatable, or comma-separated).",
+)
+CAPACITY_OPTION = typer.Option(None, help="Tokens a compressed cache holds (default 256).")
+SINK_OPTION = typer.Option(None, help="Attention-sink tokens kept from the start (default 4).")
+WINDOW_OPTION = typer.Option(None, help="H2O's recent window (default capacity/8).")
+MODEL_OPTION = typer.Option("smollm2-135m", help="HF id, local folder, smollm2-135m (bundled), random:<arch> or tiny-random.")
+DATASET_OPTION = typer.Option(None, help="pg19, wikitext, shakespeare (bundled) or a text file; default pg19, else shakespeare.")
+DEVICE_OPTION = typer.Option("auto", help="auto, cpu or cuda.")
+DTYPE_OPTION = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")
+POSITIONS_OPTION = typer.Option("original", help="Compressed caches: original (absolute) or shifted (positions inside the cache).")
 
 
 @app.command()
 def sweep(
-    method: list[str] = typer.Option(
-        ["all"], "--method", "-m",
-        help="baseline, streaming, h2o, all, or spec strings such as h2o_4_32_256 (repeatable, or comma-separated).",
-    ),
-    capacity: Optional[int] = typer.Option(None, help="Tokens a compressed cache holds (default 256)."),
-    sink: Optional[int] = typer.Option(None, help="Attention-sink tokens kept from the start (default 4)."),
-    window: Optional[int] = typer.Option(None, help="H2O's recent window (default capacity/8)."),
+    method: list[str] = METHOD_OPTION,
+    capacity: Optional[int] = CAPACITY_OPTION,
+    sink: Optional[int] = SINK_OPTION,
+    window: Optional[int] = WINDOW_OPTION,
     lengths: str = typer.Option(
         ",".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in DEFAULT_LENGTHS),
         help="Checkpoint context lengths, increasing: 2k,4k or 2048,4096.",
@@ -78,11 +88,11 @@ def sweep(
     chunk: int = typer.Option(512, help="Prefill chunk size in tokens."),
     decode_steps: int = typer.Option(16, help="Single-token steps at each checkpoint (1 warm-up/TTFT, 1 attention probe, the rest timed)."),
     batch_size: int = typer.Option(1, help="Sequences per batch, each a different segment of the text."),
-    model: str = typer.Option("smollm2-135m", help="HF id, local folder, smollm2-135m (bundled), random:<arch> or tiny-random."),
-    dataset: Optional[str] = typer.Option(None, help="pg19, wikitext, shakespeare (bundled) or a text file; default pg19, else shakespeare."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16."),
-    positions: str = typer.Option("original", help="Compressed caches: original (absolute) or shifted (positions inside the cache)."),
+    model: str = MODEL_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    positions: str = POSITIONS_OPTION,
     lazy: int = typer.Option(0, help="Let compressed caches run over capacity by this many tokens, then evict them at once."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget (e.g. 8GB) that counts as out-of-memory when exceeded."),
     out: Path = typer.Option(Path("results.json"), "--out", "-o", help="Results file (JSON), written as the run goes."),
@@ -237,21 +247,18 @@ def print_ppl_table(run) -> None:
 
 @app.command()
 def ppl(
-    method: list[str] = typer.Option(
-        ["all"], "--method", "-m",
-        help="baseline, streaming, h2o, all, or spec strings such as h2o_4_32_256 (repeatable, or comma-separated).",
-    ),
-    capacity: Optional[int] = typer.Option(None, help="Tokens a compressed cache holds (default 256)."),
-    sink: Optional[int] = typer.Option(None, help="Attention-sink tokens kept from the start (default 4)."),
-    window: Optional[int] = typer.Option(None, help="H2O's recent window (default capacity/8)."),
+    method: list[str] = METHOD_OPTION,
+    capacity: Optional[int] = CAPACITY_OPTION,
+    sink: Optional[int] = SINK_OPTION,
+    window: Optional[int] = WINDOW_OPTION,
     tokens: str = typer.Option("4k", help="Tokens of text to score (e.g. 4096 or 4k)."),
     chunk: int = typer.Option(1, help="Tokens per forward: 1 is exact streaming perplexity; more is faster but an approximation (tokens in a chunk see each other past the cache's capacity)."),
     buckets: Optional[str] = typer.Option(None, help="Length bucket edges, e.g. 1k,2k,4k; default 1k, 2k, 4k ... up to --tokens."),
-    model: str = typer.Option("smollm2-135m", help="HF id, local folder, smollm2-135m (bundled), random:<arch> or tiny-random."),
-    dataset: Optional[str] = typer.Option(None, help="pg19, wikitext, shakespeare (bundled) or a text file; default pg19, else shakespeare."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16."),
-    positions: str = typer.Option("original", help="Compressed caches: original (absolute) or shifted (positions inside the cache)."),
+    model: str = MODEL_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    positions: str = POSITIONS_OPTION,
     out: Path = typer.Option(Path("ppl.json"), "--out", "-o", help="Results file (JSON, kind ppl), written after each bucket."),
     force: bool = typer.Option(False, "--force", help="Overwrite the results file if it exists."),
     debug: bool = DEBUG_OPTION,
@@ -291,10 +298,10 @@ def compare(
     tokens: str = typer.Option("4k", help="Tokens of each text to score."),
     chunk: int = typer.Option(1, help="Tokens per forward: 1 is exact; more is faster but an approximation."),
     buckets: Optional[str] = typer.Option(None, help="Length bucket edges, e.g. 1k,2k,4k."),
-    model: str = typer.Option("smollm2-135m", help="HF id, local folder, smollm2-135m (bundled), random:<arch> or tiny-random."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16."),
-    positions: str = typer.Option("original", help="Compressed caches: original or shifted positions."),
+    model: str = MODEL_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    positions: str = POSITIONS_OPTION,
     out_dir: Path = typer.Option(Path("compare"), "--out-dir", help="Folder for one results file per dataset."),
     format: str = typer.Option("markdown", "--format", "-f", help="Table format: markdown, csv or json."),
     force: bool = typer.Option(False, "--force", help="Overwrite results files that exist."),

@@ -41,7 +41,6 @@ the TPOT statistics.
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
@@ -54,13 +53,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .caches import POSITION_MODES, cache_bytes, make_cache
+from .caches import POSITION_MODES, cache_bytes, cached_tokens, make_run_cache
 from .config import ConfigError, parse_length
 from .memory import MemorySampler
 from .report import OVERALL_EVENT
 from .results import RECORD_FIELDS
 from .spec import MethodSpec, parse_spec
-from .stream import AttentionTimer, cache_argument, percentile, synchronize
+from .stream import AttentionTimer, cache_argument, free_memory, percentile, synchronize
 
 DEFAULT_TOKENS = 4096
 # The seed experiment's six configurations (SEED_RESULTS.md).
@@ -177,9 +176,7 @@ class PerplexityRunner:
         self.overall: dict[str, dict] = {}  # method → its overall record, once written
 
     def _new_cache(self, spec: MethodSpec):
-        if spec.is_compressed:
-            return make_cache(spec, self.model, positions=self.config.positions)
-        return make_cache(spec, self.model)
+        return make_run_cache(spec, self.model, positions=self.config.positions, lazy=0)
 
     def _forward(self, cache, nll: torch.Tensor, start: int, end: int) -> None:
         """Feed tokens [start, end); write the NLL of predicting tokens start+1 .. end into nll[start:end]."""
@@ -205,7 +202,7 @@ class PerplexityRunner:
     def run_method(self, spec: MethodSpec) -> list[dict]:
         """Score the text under `spec`; returns the records written (an OOM ends it early)."""
         config = self.config
-        self._free()
+        free_memory(self.device)
         self._warm_up(spec)
         self.sampler.reset_peak()
         cache = self._new_cache(spec)
@@ -250,7 +247,7 @@ class PerplexityRunner:
             failure = str(error).splitlines()[0] if str(error) else "out of memory"
         if failure is not None:
             cache = nll = None
-            self._free()
+            free_memory(self.device)
             self.writer.add_event({"method": spec.name, "type": "oom", "length": heading_for,
                                    "tokens_seen": position, "message": failure})
             oom = dict.fromkeys(RECORD_FIELDS, None)
@@ -260,7 +257,6 @@ class PerplexityRunner:
 
         nll_mean = nll.double().sum().item() / config.tokens
         peak = self.sampler.peak()
-        held = cache.layers[0].kept if spec.is_compressed else cache.get_seq_length()
         tpot = statistics.median(per_token_ms) if per_token_ms else None
         overall = self.writer.add_record({
             "method": spec.name, "length": config.tokens, "status": "ok", "batch_size": 1,
@@ -273,7 +269,7 @@ class PerplexityRunner:
             "peak_nvml_used_bytes": peak["peak_nvml_used_bytes"],
             "peak_rss_bytes": peak["peak_rss_bytes"],
             "cache_bytes": cache_bytes(cache),
-            "cache_tokens": held,
+            "cache_tokens": cached_tokens(cache),
             "nll_mean": nll_mean,
             "perplexity": _perplexity(nll_mean),
             "tokens_scored": config.tokens,
@@ -283,11 +279,6 @@ class PerplexityRunner:
         self.writer.add_event({"type": OVERALL_EVENT, "method": spec.name, "record": len(self.writer.records) - 1,
                                "length": config.tokens, "total_s": total_s})
         return records
-
-    def _free(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 # --- whole runs ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .caches import cache_bytes, make_cache
+from .caches import cache_bytes, cached_tokens, make_run_cache
 from .caches.hooks import attention_modules
 from .config import RunConfig
 from .memory import MemoryBudget, MemorySampler
@@ -54,6 +54,13 @@ def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
     return ordered[index]
+
+
+def free_memory(device: torch.device) -> None:
+    """Between methods (never between steps: a growing cache would then reallocate every step)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class AttentionTimer:
@@ -156,9 +163,7 @@ class SweepRunner:
     # -- a method ------------------------------------------------------------------
 
     def _new_cache(self, spec: MethodSpec):
-        if spec.is_compressed:
-            return make_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy)
-        return make_cache(spec, self.model)
+        return make_run_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy)
 
     def _warm_up(self, spec: MethodSpec) -> None:
         """A short throwaway stream so the first measured forward pays no one-off start-up costs."""
@@ -193,7 +198,6 @@ class SweepRunner:
         tpot_median = statistics.median(step_times)
         peak = self.sampler.peak()
         cache = stream.cache
-        held = cache.layers[0].kept if stream.spec.is_compressed else cache.get_seq_length()
         perplexity = nll_mean = None
         if stream.nll_count:
             nll_mean = stream.nll_sum / stream.nll_count
@@ -213,7 +217,7 @@ class SweepRunner:
             "peak_nvml_used_bytes": peak["peak_nvml_used_bytes"],
             "peak_rss_bytes": peak["peak_rss_bytes"],
             "cache_bytes": cache_bytes(cache),
-            "cache_tokens": held,
+            "cache_tokens": cached_tokens(cache),
             "nll_mean": nll_mean,
             "perplexity": perplexity,
             "tokens_scored": stream.nll_count or None,
@@ -259,9 +263,7 @@ class SweepRunner:
             self._samples = []
 
     def _free(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(self.device)
 
     def run(self) -> list[dict]:
         records = []

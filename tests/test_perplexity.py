@@ -22,16 +22,6 @@ from kvstress.spec import parse_spec
 N = 96  # tokens scored per test stream
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model's forward is ~1 ms on one thread; with two intra-op threads on a busy
-    2-core machine it can stall ~50 ms per forward waiting for the second thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return load_model("tiny-random").model

@@ -7,7 +7,6 @@ import io
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kvstress.cli import app
@@ -17,14 +16,6 @@ from kvstress.results import ResultsError, ResultsWriter
 runner = CliRunner()
 COLUMNS = ["Configuration", "Context length", "Wikitext PPL", "PG-19 PPL", "shakespeare PPL", "Total Time (s)",
            "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)", "Peak Mem (GB)", "Device"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_perplexity.one_thread
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_ppl(path, dataset, ppl: dict, *, tokens=4096, oom=(), device_name="Intel Xeon"):

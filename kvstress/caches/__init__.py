@@ -35,6 +35,20 @@ def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "or
     )
 
 
+def make_run_cache(spec: MethodSpec, model: nn.Module, *, positions: str, lazy: int) -> Cache:
+    """A cache for a run whose position mode and lazy buffer apply to the compressed methods only."""
+    if spec.is_compressed:
+        return make_cache(spec, model, positions=positions, lazy=lazy)
+    return make_cache(spec, model)
+
+
+def cached_tokens(cache: Cache) -> int:
+    """Tokens the cache holds now (per sequence and layer)."""
+    if isinstance(cache, CompressedCache):
+        return cache.layers[0].kept
+    return cache.get_seq_length()
+
+
 def cache_bytes(cache: Cache) -> int:
     """Bytes of tensors the cache holds (keys, values and any policy state)."""
     if isinstance(cache, CompressedCache):
@@ -54,5 +68,7 @@ __all__ = [
     "StreamingCache",
     "UnsupportedModelError",
     "cache_bytes",
+    "cached_tokens",
     "make_cache",
+    "make_run_cache",
 ]

@@ -53,11 +53,11 @@ class FixedCapacityLayer(CacheLayerMixin):
     supports_early_init = False
     wants_query = False  # whether the hooks should hand this layer the query
 
-    def __init__(self, owner: "CompressedCache", capacity: int, sink: int, lazy: int, shifted: bool):
+    def __init__(self, owner: "CompressedCache", spec, lazy: int, shifted: bool):
         super().__init__()
         self.owner = owner
-        self.capacity = capacity
-        self.sink = sink
+        self.capacity = spec.capacity
+        self.sink = spec.sink
         self.lazy = lazy
         self.shifted = shifted
         self.kept = 0  # n: slots holding tokens from earlier forwards
@@ -255,16 +255,8 @@ class CompressedCache(Cache):
         self.lazy = lazy
         self._rotary_embedding = rotary_embedding
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        super().__init__(layers=[self._make_layer() for _ in range(num_layers)])
-
-    def _make_layer(self) -> FixedCapacityLayer:
-        return self.layer_class(
-            self,
-            capacity=self.spec.capacity,
-            sink=self.spec.sink,
-            lazy=self.lazy,
-            shifted=self.position_mode == "shifted",
-        )
+        shifted = positions == "shifted"
+        super().__init__(layers=[self.layer_class(self, spec, lazy, shifted) for _ in range(num_layers)])
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Mask rows are slot indices, whatever the RoPE positions are.

@@ -22,9 +22,9 @@ from .base import _SCORE_BLOCK_ELEMENTS, CompressedCache, FixedCapacityLayer, ap
 class H2OLayer(FixedCapacityLayer):
     wants_query = True
 
-    def __init__(self, owner, capacity: int, sink: int, lazy: int, shifted: bool, window: int):
-        super().__init__(owner, capacity=capacity, sink=sink, lazy=lazy, shifted=shifted)
-        self.window = window
+    def __init__(self, owner, spec, lazy: int, shifted: bool):
+        super().__init__(owner, spec, lazy, shifted)
+        self.window = spec.window
         self.scores: torch.Tensor | None = None  # [batch, kv_heads, slots] float32
 
     def _allocate_policy_buffers(self, batch, heads, slots, device) -> None:
@@ -75,13 +75,3 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, star
 
 class H2OCache(CompressedCache):
     layer_class = H2OLayer
-
-    def _make_layer(self) -> H2OLayer:
-        return self.layer_class(
-            self,
-            capacity=self.spec.capacity,
-            sink=self.spec.sink,
-            lazy=self.lazy,
-            shifted=self.position_mode == "shifted",
-            window=self.spec.window,
-        )
