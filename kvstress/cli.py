@@ -97,10 +97,14 @@ def sweep(
     max_memory: Optional[str] = typer.Option(None, help="Memory budget (e.g. 8GB) that counts as out-of-memory when exceeded."),
     out: Path = typer.Option(Path("results.json"), "--out", "-o", help="Results file (JSON), written as the run goes."),
     force: bool = typer.Option(False, "--force", help="Overwrite the results file if it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep in --out; finished points are kept, not redone."),
+    isolate: bool = typer.Option(False, "--isolate", help="Run each method in a child process, so a hard crash is recorded and the sweep goes on."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Stream ever-longer text through each cache; record memory, TTFT, TPOT and perplexity per length."""
     with user_errors(debug):
+        if resume and force:
+            raise ConfigError("--resume continues the results file and --force replaces it: give one of them")
         config = RunConfig(
             methods=build_methods(method, capacity, sink, window),
             lengths=parse_lengths(lengths),
@@ -116,31 +120,60 @@ def sweep(
             max_memory=_size(max_memory),
             out=out,
         )
-        _run_sweep(config, force)
+        _run_sweep(config, force=force, resume=resume, isolate=isolate)
 
 
-def _run_sweep(config: RunConfig, force: bool) -> None:
-    from . import models, texts
-    from .results import ResultsWriter, environment
-    from .stream import SweepRunner
+def _run_sweep(config: RunConfig, *, force: bool, resume: bool, isolate: bool) -> None:
+    from . import models
+    from .results import ResultsError, ResultsWriter, environment
+    from .stream import RunInterrupted, load_run_model, load_run_text, stop_on_interrupt
 
     torch_device = models.resolve_device(config.device)
-    writer = ResultsWriter(config.out, "sweep", config.to_json(), environment(torch_device), overwrite=force)
+    if resume:
+        if not config.out.exists():
+            raise ResultsError(f"nothing to resume: {config.out} does not exist; drop --resume to start a new sweep")
+        writer = ResultsWriter.resume(config.out, config.to_json(), environment(torch_device))
+        console.print(f"resuming {config.out}: {len(writer.done_points())} points already measured")
+    else:
+        writer = ResultsWriter(config.out, "sweep", config.to_json(), environment(torch_device), overwrite=force)
 
-    tokenizer = models.load_tokenizer(config.model)
-    text = texts.load_text(config.dataset, tokenizer, config.tokens_needed * config.batch_size)
-    tokens = texts.text_segments(text.tokens, config.batch_size, config.tokens_needed)
+    text, tokens = load_run_text(config)
     console.print(f"text: {text.description}")
     writer.add_event({"type": "dataset", "name": text.name, "message": text.description})
     if text.fallback_note:
         console.print(f"[yellow]note:[/] {text.fallback_note}")
         writer.add_event({"type": "fallback", "message": text.fallback_note})
 
-    loaded = models.load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
-    console.print(f"model: {loaded.name} — {loaded.source}")
-    writer.add_event({"type": "model", "name": loaded.name, "pretrained": loaded.pretrained, "message": loaded.source})
-    if not loaded.pretrained:
-        console.print("[yellow]note:[/] random weights: perplexity is not measured (speed and memory are faithful)")
+    try:
+        with stop_on_interrupt() as stop_requested:
+            if isolate:
+                _sweep_isolated(config, writer)
+            else:
+                loaded = load_run_model(config)
+                console.print(f"model: {loaded.name} — {loaded.source}")
+                writer.add_event({"type": "model", "name": loaded.name, "pretrained": loaded.pretrained, "message": loaded.source})
+                if not loaded.pretrained:
+                    console.print("[yellow]note:[/] random weights: perplexity is not measured (speed and memory are faithful)")
+                _sweep_in_process(config, loaded, tokens, writer, stop_requested)
+    except (RunInterrupted, KeyboardInterrupt):
+        console.print(
+            f"[yellow]interrupted:[/] {len(writer.records)} points are saved in {config.out}; "
+            f"continue with the same command plus --resume"
+        )
+        raise typer.Exit(130) from None
+    writer.finish()
+    print_summary(writer.records)
+    console.print(f"results: {config.out}   plot: kvstress plot {config.out}")
+
+
+def _report_oom(records: list[dict]) -> None:
+    for record in records:
+        if record["status"] != "ok":
+            console.print(f"[red]{record['method']}: {record['status']} heading for {record['length']} tokens[/] — {record['error']}")
+
+
+def _sweep_in_process(config: RunConfig, loaded, tokens, writer, stop_requested) -> None:
+    from .stream import SweepRunner
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -151,17 +184,25 @@ def _run_sweep(config: RunConfig, force: bool) -> None:
         def advance(method: str, tokens: int) -> None:
             progress.advance(bars[method], tokens)
 
-        runner = SweepRunner(config, loaded.model, tokens, writer, score=loaded.pretrained, on_progress=advance)
-        records = []
+        runner = SweepRunner(config, loaded.model, tokens, writer, score=loaded.pretrained, on_progress=advance,
+                             stop_requested=stop_requested)
         for spec in config.methods:
-            method_records = runner.run_method(spec, config.lengths)
-            records.extend(method_records)
-            if method_records and method_records[-1]["status"] == "oom":
-                console.print(f"[red]{spec.name}: out of memory heading for {method_records[-1]['length']} tokens[/] — {method_records[-1]['error']}")
-                progress.update(bars[spec.name], completed=progress.tasks[bars[spec.name]].total)
-    writer.finish()
-    print_summary(records)
-    console.print(f"results: {config.out}   plot: kvstress plot {config.out}")
+            _report_oom(runner.run_method(spec, config.lengths))
+            progress.update(bars[spec.name], completed=progress.tasks[bars[spec.name]].total)
+
+
+def _sweep_isolated(config: RunConfig, writer) -> None:
+    from .isolate import describe_exit, run_method_isolated
+    from .stream import RunInterrupted
+
+    for spec in config.methods:
+        console.print(f"{spec.name}: running in a child process")
+        records, exit_code = run_method_isolated(config, spec.name, writer)
+        _report_oom(records)
+        if exit_code == 130:
+            raise RunInterrupted(f"{spec.name} was interrupted")
+        if exit_code != 0:
+            console.print(f"[red]{spec.name}: the child process {describe_exit(exit_code)}; going on with the next method[/]")
 
 
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
@@ -319,3 +360,181 @@ def compare(
         text = render(build_report(run.written, datasets=names), format)
     sys.stdout.write(text)
     console.print(f"results: {', '.join(map(str, run.written))}")
+
+
+# --- batch throughput (issue 5) -------------------------------------------------------
+
+
+def print_batch_table(run) -> None:
+    """Every measured point of a batch run (batch.BatchRun), then the largest batch per method."""
+    from .batch import describe_max_batch
+
+    records = run.records
+    gpu = any(r.get("peak_allocated_bytes") is not None for r in records)
+    peak_field, peak_name = ("peak_allocated_bytes", "peak alloc") if gpu else ("peak_rss_bytes", "peak RSS")
+    table = Table(title=f"kvstress batch — {run.config.length}-token context per sequence")
+    for column in ("method", "batch", "status", "TPOT p50 (ms)", "TPOT p90 (ms)", "tok/s", peak_name, "KV cache"):
+        table.add_column(column, justify="left" if column in ("method", "status") else "right")
+    for r in records:
+        table.add_row(
+            r["method"], str(r["batch_size"]), r["status"], _fmt(r.get("tpot_ms_median")), _fmt(r.get("tpot_ms_p90")),
+            _fmt(r.get("throughput_tok_s"), ".1f"), format_bytes(r.get(peak_field)), format_bytes(r.get("cache_bytes")),
+        )
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    out.print(table)
+    best = Table(title="largest batch that fits")
+    for column in ("method", "max batch", "first OOM", "limited by", "probes"):
+        best.add_column(column, justify="left" if column in ("method", "limited by", "probes") else "right")
+    for method, event in run.max_batch.items():
+        best.add_row(method, _fmt(event["batch_size"], "d"), _fmt(event["first_oom"], "d"), event["limited_by"],
+                     ",".join(map(str, event["probes"])))
+    out.print(best)
+    for event in run.max_batch.values():
+        out.print(describe_max_batch(event), markup=False, highlight=False)
+
+
+@contextmanager
+def _point_progress(label: str, total: int):
+    """A progress bar for one (method, batch size) point; yields the callback that advances it.
+
+    Only on a terminal: in a log, the one line per point that follows says more.
+    """
+    if not console.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+
+        def advance(method: str, n: int) -> None:
+            progress.advance(task, n)
+
+        yield advance
+
+
+@app.command()
+def batch(
+    method: list[str] = METHOD_OPTION,
+    capacity: Optional[int] = CAPACITY_OPTION,
+    sink: Optional[int] = SINK_OPTION,
+    window: Optional[int] = WINDOW_OPTION,
+    batch_sizes: str = typer.Option("1,2,4,8,16,32,64", help="Batch sizes to try in order, increasing, until OOM."),
+    length: str = typer.Option("4k", help="Context length of every sequence (e.g. 4096 or 4k)."),
+    max_batch: Optional[int] = typer.Option(None, help="Largest batch to try; with --find-max-batch the search's bound (default: the largest --batch-sizes)."),
+    find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Find the largest batch that fits: doubling until OOM, then binary search."),
+    chunk: int = typer.Option(512, help="Prefill chunk size in tokens."),
+    decode_steps: int = typer.Option(16, help="Single-token steps after the context (1 warm-up, 1 attention probe, the rest timed)."),
+    model: str = MODEL_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    positions: str = POSITIONS_OPTION,
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget (e.g. 8GB) that counts as out-of-memory when exceeded."),
+    out: Path = typer.Option(Path("batch.json"), "--out", "-o", help="Results file (JSON, kind batch), written after each point."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the results file if it exists."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Decode throughput (tok/s over all sequences) and peak memory per batch size; the largest batch that fits."""
+    from .batch import BatchConfig, parse_batch_sizes, run_batch
+
+    with user_errors(debug):
+        config = BatchConfig(
+            methods=build_methods(method, capacity, sink, window),
+            batch_sizes=parse_batch_sizes(batch_sizes),
+            length=_token_count(length, "--length"),
+            max_batch=max_batch,
+            find_max_batch=find_max_batch,
+            model=model,
+            dataset=dataset,
+            chunk=chunk,
+            decode_steps=decode_steps,
+            device=device,
+            dtype=dtype,
+            positions=positions,
+            max_memory=_size(max_memory),
+            out=out,
+        )
+        run = run_batch(config, force=force, notify=_notify, progress=_point_progress)
+    print_batch_table(run)
+    console.print(f"results: {config.out}   plot: kvstress plot {config.out}")
+
+
+# --- needle in a haystack (issue 8) --------------------------------------------------
+
+
+@contextmanager
+def _needle_progress(config):
+    """A progress bar per method of a needle run (needle.NeedleConfig), counted in trials."""
+    trials = len(config.lengths) * len(config.depths) * config.needles
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    ) as progress:
+        bars = {spec.name: progress.add_task(spec.name, total=trials) for spec in config.methods}
+
+        def advance(method: str, n: int) -> None:
+            progress.advance(bars[method], n)
+
+        yield advance
+
+
+def print_needle_table(run) -> None:
+    """Exact answers / trials per method and depth (rows) and length (columns)."""
+    lengths = list(run.config.lengths)
+    table = Table(title="kvstress needle — exact / trials (partial)")
+    table.add_column("method")
+    table.add_column("depth", justify="right")
+    for length in lengths:
+        table.add_column(str(length), justify="right")
+    cells = {(c["method"], c["length"], c["depth"]): c for c in run.cells}
+    for spec in run.config.methods:
+        for depth in run.config.depths:
+            row = []
+            for length in lengths:
+                cell = cells.get((spec.name, length, depth))
+                if cell is None:
+                    row.append("–")
+                elif cell["status"] != "ok":
+                    row.append(cell["status"].upper())
+                else:
+                    row.append(f"{cell['exact']}/{cell['trials']} ({cell['partial']})")
+            table.add_row(spec.name, f"{depth:g}%", *row)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command()
+def needle(
+    method: list[str] = METHOD_OPTION,
+    capacity: Optional[int] = CAPACITY_OPTION,
+    sink: Optional[int] = SINK_OPTION,
+    window: Optional[int] = WINDOW_OPTION,
+    lengths: str = typer.Option("1k,2k,4k,8k", help="Prompt lengths in tokens (haystack + needle + question), increasing."),
+    depths: str = typer.Option("0,25,50,75,100", help="Where the needle sits, in percent of the haystack."),
+    needles: int = typer.Option(3, help="Trials (needles) per length and depth, each its own haystack and number."),
+    seed: int = typer.Option(0, help="Seeds the haystack segments and the numbers (and random weights)."),
+    chunk: int = typer.Option(512, help="Prefill chunk size; the question always gets its own forward."),
+    max_new_tokens: int = typer.Option(10, help="Most tokens generated per answer (stops after the first number)."),
+    model: str = MODEL_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    positions: str = POSITIONS_OPTION,
+    chat: bool = typer.Option(False, "--chat", help="Wrap the question in the tokenizer's chat template."),
+    out: Path = typer.Option(Path("needle.json"), "--out", "-o", help="Results file (JSON, kind needle), written after each cell."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the results file if it exists."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Needle in a haystack: hide a number at each depth of real text, ask for it, score the answers."""
+    from .needle import NeedleConfig, parse_depths, run_needle
+
+    with user_errors(debug):
+        config = NeedleConfig(
+            methods=build_methods(method, capacity, sink, window), lengths=parse_lengths(lengths),
+            depths=parse_depths(depths), needles=needles, seed=seed, model=model, dataset=dataset, chunk=chunk,
+            max_new_tokens=max_new_tokens, device=device, dtype=dtype, positions=positions, chat=chat, out=out,
+        )
+        run = run_needle(config, force=force, notify=_notify, progress=_needle_progress)
+    print_needle_table(run)
+    console.print(f"results: {config.out}   plot: kvstress plot {config.out}")

@@ -111,11 +111,19 @@ class RunConfig:
         return self.lengths[-1] + self.decode_steps + 1
 
     def to_json(self) -> dict:
+        """The config as results files store it (without the output path, which is the file itself)."""
         data = asdict(self)
         data["methods"] = [spec.name for spec in self.methods]
         data["lengths"] = list(self.lengths)
-        data["out"] = str(self.out)
+        del data["out"]
         return data
+
+    @classmethod
+    def from_json(cls, data: dict, out: Path) -> "RunConfig":
+        fields = dict(data)
+        fields["methods"] = tuple(parse_spec(name) for name in fields["methods"])
+        fields["lengths"] = tuple(fields["lengths"])
+        return cls(out=Path(out), **fields)
 
 
 __all__ = ["ConfigError", "DEFAULT_LENGTHS", "RunConfig", "SpecError", "build_methods", "parse_length", "parse_lengths"]

@@ -19,9 +19,12 @@ from __future__ import annotations
 import gc
 import inspect
 import math
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +57,41 @@ def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
     return ordered[index]
+
+
+@contextmanager
+def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C once: the run stops after the current step, keeping what it measured. Twice: now.
+
+    Yields the function the runner polls; the previous handler is restored on exit.
+    """
+    requested = threading.Event()
+
+    def handle(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def load_run_text(config: RunConfig):
+    """The text for a run, as [batch, tokens_needed] ids; fails (TextError) before any model loads."""
+    from . import models, texts
+
+    tokenizer = models.load_tokenizer(config.model)
+    text = texts.load_text(config.dataset, tokenizer, config.tokens_needed * config.batch_size)
+    return text, texts.text_segments(text.tokens, config.batch_size, config.tokens_needed)
+
+
+def load_run_model(config: RunConfig):
+    from . import models
+
+    return models.load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
 
 
 def free_memory(device: torch.device) -> None:
@@ -92,6 +130,23 @@ class AttentionTimer:
             handle.remove()
 
 
+@dataclass(frozen=True)
+class FinishedPoints:
+    """What a results file already holds: measured points, and methods that ran out of memory."""
+
+    points: frozenset[tuple[str, int]] = frozenset()
+    ended: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> "FinishedPoints":
+        done = [r for r in records if r["status"] in ("ok", "oom")]
+        return cls(frozenset((r["method"], r["length"]) for r in done),
+                   frozenset(r["method"] for r in done if r["status"] == "oom"))
+
+    def covers(self, method: str, lengths: tuple[int, ...]) -> bool:
+        return method in self.ended or all((method, length) in self.points for length in lengths)
+
+
 @dataclass
 class _Stream:
     """State of one method's stream through the text."""
@@ -105,11 +160,23 @@ class _Stream:
     nll_count: int = 0
 
 
+class RunInterrupted(Exception):
+    """The user asked the run to stop (Ctrl-C); everything finished is already written."""
+
+
 class SweepRunner:
     def __init__(self, config: RunConfig, model, tokens: torch.Tensor, writer, *, score: bool,
-                 on_progress: ProgressCallback | None = None):
-        """tokens: [batch, >= config.tokens_needed] teacher-forcing text. score: compute NLL (real weights)."""
+                 on_progress: ProgressCallback | None = None,
+                 stop_requested: Callable[[], bool] = lambda: False,
+                 finished: "FinishedPoints | None" = None):
+        """tokens: [batch, >= config.tokens_needed] teacher-forcing text. score: compute NLL (real weights).
+
+        stop_requested is polled after every forward (Ctrl-C). finished says which points
+        a resumed run already has; by default, those in the writer's file.
+        """
         self.config = config
+        self.stop_requested = stop_requested
+        self.finished = finished if finished is not None else FinishedPoints.from_records(writer.records)
         self.model = model
         self.device = next(model.parameters()).device
         self.tokens = tokens.to(self.device)
@@ -150,6 +217,8 @@ class SweepRunner:
         if self.budget is not None:
             self.budget.check(sample)
         self.on_progress(stream.spec.name, end - start)
+        if self.stop_requested():
+            raise RunInterrupted(f"stopped by the user at {end} tokens of {stream.spec.name}")
         return elapsed
 
     def _accumulate_nll(self, stream: _Stream, logits: torch.Tensor, start: int, end: int) -> None:
@@ -175,11 +244,18 @@ class SweepRunner:
                 self.model(input_ids=ids[:, t : t + 1], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
         synchronize(self.device)
 
-    def _checkpoint(self, stream: _Stream, length: int) -> dict:
-        """Bring the context to `length`, then run the decode steps; return the record."""
+    def _checkpoint(self, stream: _Stream, length: int) -> dict | None:
+        """Bring the context to `length`, then run the decode steps; return the record.
+
+        A point a resumed run already has is not measured again: its decode-step tokens
+        are fed as one chunk, so the context that follows is the same text.
+        """
         config = self.config
         while stream.position < length:
             self._forward(stream, stream.position, min(stream.position + config.chunk, length), "prefill")
+        if (stream.spec.name, length) in self.finished.points:
+            self._forward(stream, length, length + config.decode_steps, "prefill")
+            return None
         step_times = []
         ttft_s = attn_s = None
         for step in range(config.decode_steps):
@@ -226,6 +302,8 @@ class SweepRunner:
 
     def run_method(self, spec: MethodSpec, lengths: tuple[int, ...]) -> list[dict]:
         """Measure `spec` at each of `lengths`; returns the records written (an OOM ends it early)."""
+        if self.finished.covers(spec.name, lengths):
+            return []
         self._free()
         self._warm_up(spec)
         self.sampler.reset_peak()
@@ -237,7 +315,8 @@ class SweepRunner:
                 heading_for = length
                 record = self._checkpoint(stream, length)
                 self._flush_samples()
-                records.append(self.writer.add_record(record))
+                if record is not None:
+                    records.append(self.writer.add_record(record))
         except torch.OutOfMemoryError as error:
             # Keep only the message: the exception's frames hold the cache and activations alive.
             failure = str(error).splitlines()[0] if str(error) else "out of memory"
@@ -264,9 +343,3 @@ class SweepRunner:
 
     def _free(self) -> None:
         free_memory(self.device)
-
-    def run(self) -> list[dict]:
-        records = []
-        for spec in self.config.methods:
-            records.extend(self.run_method(spec, self.config.lengths))
-        return records

@@ -1,0 +1,219 @@
+"""Reliability: bad input, interruption, resume, crashes and repeated OOM never lose results."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+
+import pytest
+from typer.testing import CliRunner
+
+import kvstress.stream as stream_module
+from kvstress.cli import app
+from kvstress.config import RunConfig, build_methods
+from kvstress.isolate import CRASH_ENV
+from kvstress.models import load_model
+from kvstress.results import ResultsWriter
+from kvstress.stream import SweepRunner, load_run_text
+
+runner = CliRunner()
+LENGTHS = "128,256,384,512,640,768,896,1024"
+SWEEP = ["sweep", "--model", "tiny-random", "--lengths", LENGTHS, "--chunk", "32", "--decode-steps", "6",
+         "--capacity", "48", "-m", "baseline", "-m", "streaming", "-m", "h2o"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    path.write_text("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 300)
+    return path
+
+
+def points(path) -> list[tuple[str, int, str]]:
+    return sorted((r["method"], r["length"], r["status"]) for r in json.loads(path.read_text())["records"])
+
+
+def start_sweep(out, text_file, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvstress", *SWEEP, "--dataset", str(text_file), "--out", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def wait_for_records(path, count: int, process, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be interrupted: {process.stderr.read()}")
+        try:
+            if len(json.loads(path.read_text())["records"]) >= count:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass  # not written yet; a torn file would fail the reads below, never this wait
+        time.sleep(0.02)
+    pytest.fail("the sweep wrote too few records in time")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("full") / "results.json"
+    result = runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return points(out)
+
+
+def test_killed_sweep_resumes_to_the_same_points(tmp_path, text_file, uninterrupted):
+    out = tmp_path / "results.json"
+    process = start_sweep(out, text_file)
+    wait_for_records(out, 10, process)  # mid-way through the second method
+    process.kill()
+    process.wait()
+    survived = points(out)  # the file is readable JSON after SIGKILL at any moment
+    assert 10 <= len(survived) < len(uninterrupted)
+
+    result = runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert points(out) == uninterrupted
+    assert json.loads(out.read_text())["complete"] is True
+
+
+def test_ctrl_c_stops_writes_and_says_how_to_resume(tmp_path, text_file, uninterrupted):
+    out = tmp_path / "results.json"
+    process = start_sweep(out, text_file)
+    wait_for_records(out, 3, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "--resume" in stderr and "Traceback" not in stderr
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and len(doc["records"]) >= 3
+    assert all(r["status"] == "ok" for r in doc["records"])
+
+    result = runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert points(out) == uninterrupted
+
+
+def test_resume_refuses_a_different_config(tmp_path, text_file):
+    out = tmp_path / "results.json"
+    assert runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out)]).exit_code == 0
+    result = runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out), "--resume", "--chunk", "64"])
+    assert result.exit_code == 2
+    assert "config differs in chunk" in result.stderr
+
+
+def test_crash_in_an_isolated_child_is_a_failed_point_and_the_sweep_goes_on(tmp_path, text_file, monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, "streaming_4_48:300")
+    out = tmp_path / "results.json"
+    args = ["sweep", "--model", "tiny-random", "--lengths", "128,256,512", "--chunk", "32", "--decode-steps", "4",
+            "--capacity", "48", "--dataset", str(text_file), "--out", str(out), "--isolate"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert points(out) == sorted([
+        ("baseline", 128, "ok"), ("baseline", 256, "ok"), ("baseline", 512, "ok"),
+        ("streaming_4_48", 128, "ok"), ("streaming_4_48", 256, "ok"), ("streaming_4_48", 512, "error"),
+        ("h2o_4_6_48", 128, "ok"), ("h2o_4_6_48", 256, "ok"), ("h2o_4_6_48", 512, "ok"),
+    ])
+    doc = json.loads(out.read_text())
+    crash = next(r for r in doc["records"] if r["status"] == "error")
+    assert "killed by SIGSEGV" in crash["error"]
+    assert any(e["type"] == "crash" and e["method"] == "streaming_4_48" for e in doc["events"])
+    assert {s["method"] for s in doc["samples"]} == {"baseline", "streaming_4_48", "h2o_4_6_48"}
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_ten_ooms_in_a_row_leave_no_cache_alive(tmp_path, text_file, monkeypatch):
+    """Each method runs out of its budget at its first forward; afterwards none of its caches, nor any tensor
+    the failed forward held, may still be alive (the exception's frames must not keep them)."""
+    loaded = load_model("tiny-random")
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    methods = build_methods(["baseline"] + [f"streaming_4_{c}" for c in range(40, 49)], None, None, None)
+    assert len(methods) == 10
+    config = RunConfig(methods=methods, lengths=(512,), chunk=32, decode_steps=4, model="tiny-random",
+                       dataset=str(text_file), max_memory=weights + 2_000, out=tmp_path / "r.json")
+    _, tokens = load_run_text(config)
+    writer = ResultsWriter(config.out, "sweep", config.to_json(), {})
+
+    caches = []
+    real_make = stream_module.make_run_cache
+
+    def tracked(*args, **kwargs):
+        cache = real_make(*args, **kwargs)
+        caches.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(stream_module, "make_run_cache", tracked)
+    sweep = SweepRunner(config, loaded.model, tokens, writer, score=False)
+    for spec in methods:
+        records = sweep.run_method(spec, config.lengths)
+        assert [r["status"] for r in records] == ["oom"]
+    gc.collect()
+    assert len(caches) == 20  # a warm-up cache and a measured cache per method
+    assert [ref() for ref in caches] == [None] * 20
+    assert len([e for e in writer.events if e["type"] == "oom"]) == 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nosuch-model"], "cannot load model 'nosuch-model'"),
+        (["--model", "someone/some-model"], "hub is unreachable"),
+        (["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--resume", "--force"], "give one of them"),
+        (["--resume"], "nothing to resume"),
+    ],
+)
+def test_more_bad_input_is_a_one_line_error(tmp_path, text_file, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    defaults = ["--model", "tiny-random", "--dataset", str(text_file), "--lengths", "128"]
+    result = runner.invoke(app, ["sweep", *defaults, "--out", str(tmp_path / "r.json"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_not_a_causal_lm(tmp_path, text_file):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    result = runner.invoke(app, ["sweep", "--model", str(tmp_path), "--dataset", str(text_file), "--lengths", "128",
+                                 "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    assert "is not a causal language model" in result.stderr
+
+
+def test_empty_text_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = runner.invoke(app, ["sweep", "--model", "tiny-random", "--dataset", str(empty), "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    assert "empty" in result.stderr
+
+
+def test_output_path_that_cannot_be_written(tmp_path, text_file):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["sweep", "--model", "tiny-random", "--dataset", str(text_file),
+                                 "--out", str(blocker / "r.json")])
+    assert result.exit_code == 2
+    assert "choose a writable output path" in result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"format": "kvstress-results", "version": 1, "kind": "sweep", "records": [', "not valid JSON"),
+])
+@pytest.mark.parametrize("command", ["plot", "report"])
+def test_malformed_results_files(tmp_path, command, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    result = runner.invoke(app, [command, str(path)])
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
