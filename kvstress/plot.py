@@ -307,7 +307,95 @@ def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None)
     return figure
 
 
+# --- needle -----------------------------------------------------------------------
+
+_NEEDLE_CMAP = "RdYlGn"
+
+
+def build_needle_figure(docs: Sequence[dict], sources: Sequence[str] | None = None) -> Figure:
+    """Retrieval accuracy heatmaps, depth (rows) x context length (columns), one panel per method.
+
+    docs are loaded results dicts of kind "needle" (cells are its "needle_cell" events,
+    see needle.py). Every panel uses one color scale, 0 to 1, and each cell is annotated
+    with its accuracy; a length where the method ran out of memory is marked OOM, a cell
+    that was not run is grey with a dash.
+    """
+    import numpy as np
+
+    from kvstress.needle import needle_cells
+
+    sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(docs))]
+    panels: list[tuple[str, dict, dict]] = []  # (title, cells by (length, depth), oom lengths)
+    per_file = []
+    for doc in docs:
+        cells = needle_cells(doc)
+        methods = list(dict.fromkeys([c["method"] for c in cells] + [r["method"] for r in doc["records"]]))
+        per_file.append((doc, cells, methods))
+    collide = sum(len(m) for _, _, m in per_file) > len({x for _, _, m in per_file for x in m})
+    for source, (doc, cells, methods) in zip(sources, per_file):
+        for method in methods:
+            mine = {(c["length"], float(c["depth"])): c for c in cells if c["method"] == method}
+            oom = {r["length"]: r["status"] for r in doc["records"] if r["method"] == method and r["status"] != "ok"}
+            for c in mine.values():
+                if c.get("status") not in (None, "ok"):
+                    oom.setdefault(c["length"], c["status"])
+            panels.append((f"{source}: {method}" if collide else method, mine, oom))
+    if not any(mine or oom for _, mine, oom in panels):
+        raise PlotError("these results hold no needle cells yet: plot them once a cell is done")
+    lengths = sorted({length for _, mine, oom in panels for length in [k[0] for k in mine] + list(oom)})
+    depths = sorted({depth for _, mine, _ in panels for depth in (k[1] for k in mine)})
+    for doc in docs:
+        depths = sorted(set(depths) | {float(d) for d in doc["config"].get("depths", [])})
+        lengths = sorted(set(lengths) | set(doc["config"].get("lengths", [])))
+
+    figure = Figure(figsize=(1.2 + (0.9 * len(lengths) + 1.0) * len(panels), 1.4 + 0.55 * len(depths)),
+                    layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    image = None
+    for ax, (title, mine, oom) in zip(axes, panels):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for (length, depth), cell in mine.items():
+            if cell.get("status") == "ok" and cell.get("accuracy") is not None:
+                grid[depths.index(depth), lengths.index(length)] = cell["accuracy"]
+        ax.set_facecolor("#dddddd")  # cells not run show the background
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=_NEEDLE_CMAP, vmin=0.0, vmax=1.0, aspect="auto")
+        for i, depth in enumerate(depths):
+            for j, length in enumerate(lengths):
+                if length in oom:
+                    text, color = oom[length].upper(), _FAILURE_COLOR
+                    ax.add_patch(_hatched_cell(j, i))
+                elif np.isnan(grid[i, j]):
+                    text, color = "–", "black"
+                else:
+                    cell = mine[(length, depth)]
+                    text = f"{grid[i, j]:.2f}"
+                    if cell.get("partial"):
+                        text += f"\n+{cell['partial']} partial"
+                    color = "black"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color,
+                        gid=f"cell:{title}:{length}:{depth:g}")
+        ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("needle depth (% of the haystack)")
+    colorbar = figure.colorbar(image, ax=list(axes), shrink=0.9)
+    colorbar.set_label("retrieval accuracy (exact / trials)")
+    trials = sorted({c.get("trials") for _, mine, _ in panels for c in mine.values() if c.get("status") == "ok"})
+    suffix = f", {'/'.join(map(str, trials))} trials per cell" if trials else ""
+    figure.suptitle(_title(docs, "needle") + suffix)
+    return figure
+
+
+def _hatched_cell(column: int, row: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((column - 0.5, row - 0.5), 1, 1, facecolor="#f4cccc", edgecolor=_FAILURE_COLOR,
+                     hatch="//", linewidth=0.5, gid="failure")
+
+
 FIGURE_BUILDERS: dict[str, Callable[[Sequence[dict], Sequence[str]], Figure]] = {
     "sweep": build_sweep_figure,
     "ppl": build_ppl_figure,
+    "needle": build_needle_figure,
 }

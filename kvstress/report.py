@@ -12,6 +12,9 @@ Columns are the seed experiment's (SEED_RESULTS.md) plus context length and devi
                                    method (its largest length that is ok), else from the
                                    ppl run with the most tokens (the run's forward time
                                    per token, its total forward time and its peak memory)
+    Retrieval acc                  only when a needle results file is given: the method's
+                                   mean needle-in-a-haystack accuracy over all its cells
+                                   (lengths x depths) that ran; "–" for a method it lacks
     Device                         the device the numbers were measured on
 
 Peak Mem is torch's peak allocated bytes when measured, else the process's peak RSS,
@@ -39,7 +42,8 @@ OVERALL_EVENT = "ppl_overall"
 DATASET_COLUMNS = {"wikitext": "Wikitext PPL", "pg19": "PG-19 PPL"}
 TIME_COLUMNS = ("Total Time (s)", "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)", "Peak Mem (GB)")
 # Column → digits after the point, as in the seed table.
-_DIGITS = {"Total Time (s)": 4, "Avg Attn (ms)": 4, "TTFT (s)": 4, "TPOT (ms)": 2,
+RETRIEVAL_COLUMN = "Retrieval acc"
+_DIGITS = {RETRIEVAL_COLUMN: 2, "Total Time (s)": 4, "Avg Attn (ms)": 4, "TTFT (s)": 4, "TPOT (ms)": 2,
            "Throughput (tok/s)": 2, "Peak Mem (GB)": 2}
 MISSING = "–"
 OOM = "OOM"
@@ -57,8 +61,9 @@ class Report:
 
 def _load(path: Path) -> dict:
     doc = load_results(path)
-    if doc["kind"] not in ("sweep", "ppl"):
-        raise ResultsError(f"{path} holds {doc['kind']!r} results: the report reads sweep and ppl results files")
+    if doc["kind"] not in ("sweep", "ppl", "needle"):
+        raise ResultsError(f"{path} holds {doc['kind']!r} results: the report reads sweep and ppl results files "
+                           "(and needle files for the retrieval accuracy)")
     try:
         doc["records"] = [validate_record(record) for record in doc["records"]]
     except (ValueError, TypeError, AttributeError) as error:
@@ -139,6 +144,7 @@ class _Row:
         self.time: dict | None = None
         self.time_rank: tuple = ()  # sweep beats ppl; then the longer context
         self.time_source: str | None = None
+        self.retrieval: float | str | None = None
 
     def add_context(self, length: int | None, device: str | None) -> None:
         if length is not None and length not in self.lengths:
@@ -160,13 +166,17 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
     rows: dict[str, _Row] = {}
     ppl_columns = [ppl_column(name) for name in datasets]
     notes: list[str] = []
+    has_needle = False
 
     def row(method: str) -> _Row:
         return rows.setdefault(method, _Row(method))
 
     for order, (path, doc) in enumerate(docs):
         device = _device(doc)
-        if doc["kind"] == "ppl":
+        if doc["kind"] == "needle":
+            _add_needle(doc, path, row, notes)
+            has_needle = True
+        elif doc["kind"] == "ppl":
             column = ppl_column(dataset_name(doc))
             if column not in ppl_columns:
                 ppl_columns.append(column)
@@ -199,7 +209,8 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
                 entry.add_context(record["length"], device)
                 entry.offer_time((1, record["length"], -order), _time_columns(record, None), f"{path.name} (sweep)")
 
-    columns = ["Configuration", "Context length", *_order_ppl(ppl_columns), *TIME_COLUMNS, "Device"]
+    retrieval = [RETRIEVAL_COLUMN] if has_needle else []
+    columns = ["Configuration", "Context length", *_order_ppl(ppl_columns), *retrieval, *TIME_COLUMNS, "Device"]
     table = []
     for entry in rows.values():
         values = dict.fromkeys(columns)
@@ -210,11 +221,37 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
             values[column] = entry.ppl.get(column)
         if entry.time is not None:
             values.update(entry.time)
+        if has_needle:
+            values[RETRIEVAL_COLUMN] = entry.retrieval
         table.append(values)
     sources = sorted({entry.time_source for entry in rows.values() if entry.time is not None})
     if sources:
         notes.insert(0, f"time and memory from: {', '.join(sources)}")
     return Report(columns, table, notes)
+
+
+def _add_needle(doc: dict, path: Path, row, notes: list[str]) -> None:
+    """Mean retrieval accuracy per method of a needle file; a method with no cell that ran shows OOM."""
+    from .needle import mean_accuracy, needle_cells
+
+    cells = needle_cells(doc)
+    ran = [c for c in cells if c.get("status") == "ok"]
+    if ran:
+        lengths = ", ".join(map(str, sorted({c["length"] for c in ran})))
+        depths = ", ".join(f"{d:g}%" for d in sorted({float(c["depth"]) for c in ran}))
+        notes.append(f"retrieval acc: mean exact-answer rate over the needle cells of {path.name} "
+                     f"(lengths {lengths}; depths {depths})")
+    for method in dict.fromkeys([c["method"] for c in cells] + [r["method"] for r in doc["records"]]):
+        entry = row(method)
+        mine = [c for c in cells if c["method"] == method]
+        accuracy = mean_accuracy(mine)
+        failed = [r for r in doc["records"] if r["method"] == method and r["status"] != "ok"]
+        for r in failed:
+            notes.append(f"{method}: {r['status']} at {r['length']} tokens in {path.name} (needle)")
+        if accuracy is not None:
+            entry.retrieval = accuracy
+        elif failed and entry.retrieval is None:
+            entry.retrieval = OOM if any(r["status"] == "oom" for r in failed) else None
 
 
 def _order_ppl(columns: list[str]) -> list[str]:
