@@ -307,6 +307,94 @@ def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None)
     return figure
 
 
+# --- batch ------------------------------------------------------------------------
+
+
+def _batch_panels(records: list[dict]) -> list[tuple[str, str]]:
+    """(field, y label) per panel: throughput, then memory labelled by what was measured
+    (torch allocated bytes on a GPU, else the process's RSS), then the KV cache's own bytes."""
+    def has(field):
+        return any(record.get(field) is not None for record in records)
+
+    panels = [("throughput_tok_s", "decode throughput (tokens/s, all sequences)")]
+    if has("peak_allocated_bytes"):
+        panels.append(("peak_allocated_bytes", "peak torch allocated"))
+    elif has("peak_rss_bytes"):
+        panels.append(("peak_rss_bytes", "peak process RSS"))
+    if has("cache_bytes"):
+        panels.append(("cache_bytes", "KV cache"))
+    return panels
+
+
+def _batch_lines(docs: Sequence[dict], sources: Sequence[str]) -> list[tuple[str, str, str, dict[int, dict]]]:
+    """(label, colour, linestyle, records by batch size) per method and file; a batch
+    measured twice (a probe repeated) counts its last record."""
+    methods_per_file = [list(dict.fromkeys(r["method"] for r in doc["records"])) for doc in docs]
+    all_methods = list(dict.fromkeys(m for methods in methods_per_file for m in methods))
+    collide = sum(len(methods) for methods in methods_per_file) > len(all_methods)
+    colors = {method: f"C{i % 10}" for i, method in enumerate(all_methods)}
+    lines = []
+    for index, (doc, source, methods) in enumerate(zip(docs, sources, methods_per_file)):
+        for method in methods:
+            by_batch: dict[int, dict] = {}
+            for record in doc["records"]:
+                if record["method"] == method and record.get("batch_size") is not None:
+                    by_batch[record["batch_size"]] = record
+            lines.append((f"{source}: {method}" if collide else method, colors[method],
+                          _LINESTYLES[index % len(_LINESTYLES)], dict(sorted(by_batch.items()))))
+    return lines
+
+
+def build_batch_figure(docs: Sequence[dict], sources: Sequence[str] | None = None) -> Figure:
+    """Throughput and peak memory against batch size (log2 axis), one line per method; OOM a red x.
+
+    docs are loaded results dicts of kind "batch" (kvstress batch); every record is one
+    (method, batch size) point at the run's context length.
+    """
+    sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(docs))]
+    records = [record for doc in docs for record in doc["records"]]
+    if not records:
+        raise PlotError("these results hold no records yet: plot them once a batch size is done")
+    lines = _batch_lines(docs, sources)
+    panels = _batch_panels(records)
+    batches = sorted({record["batch_size"] for record in records if record.get("batch_size") is not None})
+    lengths = sorted({record["length"] for record in records})
+
+    figure = Figure(figsize=(4.8 * len(panels), 4.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (field, ylabel) in zip(axes, panels):
+        scale = 1.0
+        if field.endswith("_bytes"):
+            scale, unit = _byte_scale([r[field] for r in records if r.get(field) is not None])
+            ylabel = f"{ylabel} ({unit})"
+        for label, color, linestyle, by_batch in lines:
+            points = [(b, r[field]) for b, r in by_batch.items() if r["status"] == "ok" and r.get(field) is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] / scale for p in points], marker="o", markersize=4,
+                        color=color, linestyle=linestyle, label=label)
+            for batch, record in by_batch.items():
+                if record["status"] == "ok":
+                    continue
+                word = "OOM" if record["status"] == "oom" else "error"
+                ax.plot([batch], [0.04], "x", color=_FAILURE_COLOR, markersize=10, markeredgewidth=2,
+                        transform=ax.get_xaxis_transform(), clip_on=False, gid=f"failure:{label}",
+                        label="_nolegend_")
+                ax.annotate(f"{word} {label}", (batch, 0.09), xycoords=ax.get_xaxis_transform(), rotation=90,
+                            fontsize=7, color=_FAILURE_COLOR, ha="center", va="bottom")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("batch size (sequences)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    context = ", ".join(_length_label(n) for n in lengths)
+    figure.suptitle(f"{_title(docs, 'batch')}, {context}-token context per sequence")
+    return figure
+
+
 # --- needle -----------------------------------------------------------------------
 
 _NEEDLE_CMAP = "RdYlGn"
@@ -397,5 +485,6 @@ def _hatched_cell(column: int, row: int):
 FIGURE_BUILDERS: dict[str, Callable[[Sequence[dict], Sequence[str]], Figure]] = {
     "sweep": build_sweep_figure,
     "ppl": build_ppl_figure,
+    "batch": build_batch_figure,
     "needle": build_needle_figure,
 }

@@ -1,0 +1,107 @@
+"""What one decode step costs inside the cache, without the model around it.
+
+For one attention layer of a given shape, times the cache's own work per decode
+step — write the new token, (H2O) score it, evict — for StreamingLLM and H2O at a
+fixed capacity, against the full cache's `torch.cat` growth at the same context.
+The model's projections, MLP and attention are left out, so this isolates what the
+policies add. Ratios are measured in one run.
+
+    python benchmarks/cache_step.py                              # CPU, Llama-2-7B layer shape
+    python benchmarks/cache_step.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from kvstress.caches.h2o import H2OCache
+from kvstress.caches.streaming import StreamingCache
+from kvstress.spec import parse_spec
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        began = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append((time.perf_counter() - began) * 1e6)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--capacity", type=int, default=256)
+    parser.add_argument("--context", type=int, default=8192, help="tokens already seen when timing starts")
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    shape = (1, args.kv_heads, 1, args.head_dim)
+    query = torch.randn(1, args.heads, 1, args.head_dim, device=device, dtype=dtype)
+    rope = (torch.ones(1, 1, args.head_dim, device=device, dtype=dtype), torch.zeros(1, 1, args.head_dim, device=device, dtype=dtype))
+    new_key = torch.randn(shape, device=device, dtype=dtype)
+    new_value = torch.randn(shape, device=device, dtype=dtype)
+
+    def compressed(cache_class, spec):
+        cache = cache_class(parse_spec(spec), num_layers=1, rotary_embedding=None)
+        layer = cache.layers[0]
+        layer.scaling = args.head_dim**-0.5
+
+        def step():
+            layer.query, layer.rope = query, rope
+            layer.update(new_key, new_value)
+            layer.after_attention()
+
+        # Fill to the context length in large chunks (not timed).
+        chunk = 1024
+        for start in range(0, args.context, chunk):
+            n = min(chunk, args.context - start)
+            layer.query = torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype)
+            layer.rope = (rope[0].expand(1, n, -1), rope[1].expand(1, n, -1))
+            layer.update(torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype),
+                         torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype))
+            layer.after_attention()
+        return step
+
+    def full():
+        cache = DynamicCache()
+        cache.update(torch.randn(1, args.kv_heads, args.context, args.head_dim, device=device, dtype=dtype),
+                     torch.randn(1, args.kv_heads, args.context, args.head_dim, device=device, dtype=dtype), 0)
+        return lambda: cache.update(new_key, new_value, 0)
+
+    capacity = args.capacity
+    cases = {
+        "baseline (torch.cat)": full(),
+        f"streaming_4_{capacity}": compressed(StreamingCache, f"streaming_4_{capacity}"),
+        f"h2o_4_{capacity // 8}_{capacity}": compressed(H2OCache, f"h2o_4_{capacity // 8}_{capacity}"),
+    }
+    results = {name: statistics.median(time_steps(step, device, 20, args.steps)) for name, step in cases.items()}
+    base = results["baseline (torch.cat)"]
+    print(f"one layer, {args.kv_heads} KV heads × {args.head_dim}, {args.dtype} on {args.device}, "
+          f"context {args.context}, capacity {capacity}, median of {args.steps} steps")
+    print(f"{'cache':<24}{'µs/step':>10}{'× baseline':>12}")
+    for name, value in results.items():
+        print(f"{name:<24}{value:>10.1f}{value / base:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
