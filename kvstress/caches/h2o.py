@@ -38,13 +38,17 @@ class H2OLayer(FixedCapacityLayer):
             raise RuntimeError("H2O needs the attention hooks to see queries: build the cache with make_cache")
         cos, sin = self.rope
         query = apply_rotary(self.query, cos.unsqueeze(1), sin.unsqueeze(1))
+        # New tokens start from nothing, except sinks, which start (and stay) at +inf so
+        # that eviction only has to protect the recent window.
         self.scores[:, :, start:total] = 0
+        new_sinks = min(max(self.sink - (self.seen - (total - start)), 0), total - start)
+        if new_sinks:
+            self.scores[:, :, start : start + new_sinks] = float("inf")
         self.scores[:, :, :total] += attention_mass(query, keys, self.scaling, start)
 
     def eviction_priority(self, total: int) -> torch.Tensor:
-        positions = self.positions[:, :, :total]
-        protected = (positions < self.sink) | (positions >= self.seen - self.window)
-        return self.scores[:, :, :total].masked_fill(protected, float("inf"))
+        recent = self.positions[:, :, :total] >= self.seen - self.window
+        return self.scores[:, :, :total].masked_fill(recent, float("inf"))
 
 
 def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, start: int) -> torch.Tensor:
@@ -56,6 +60,9 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, star
     batch, heads, length, dim = query.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
+    if length == 1:  # a decode step: one small softmax, no blocks, no mask
+        logits = torch.matmul(query.reshape(batch, kv_heads, group, dim), keys.transpose(-1, -2))
+        return logits.float().mul_(scaling).softmax(dim=-1).sum(dim=2)
     grouped = query.reshape(batch, kv_heads, group, length, dim)
     mass = torch.zeros(batch, kv_heads, total, dtype=torch.float32, device=keys.device)
     block = max(1, _SCORE_BLOCK_ELEMENTS // (batch * heads * total))
@@ -65,10 +72,9 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, star
         r = rows.shape[3]
         logits = torch.matmul(rows.reshape(batch, kv_heads, group * r, dim), keys.transpose(-1, -2))
         logits = logits.float().mul_(scaling).view(batch, kv_heads, group, r, total)
-        if length > 1:
-            # Query at slot start + i sees keys up to and including its own slot.
-            last_visible = start + first + torch.arange(r, device=keys.device)
-            logits.masked_fill_(key_index > last_visible[:, None], float("-inf"))
+        # Query at slot start + i sees keys up to and including its own slot.
+        last_visible = start + first + torch.arange(r, device=keys.device)
+        logits.masked_fill_(key_index > last_visible[:, None], float("-inf"))
         mass += logits.softmax(dim=-1).sum(dim=(2, 3))
     return mass
 
