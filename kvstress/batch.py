@@ -38,14 +38,18 @@ of the sweep, or the search limit) × (length + decode steps + 1) tokens. A text
 short for that is a user error before the model loads, naming the largest batch the
 text allows: batch sizes are never capped silently.
 
-Memory is freed (stream.free_memory) between points. On CPU peak RSS is the whole
-process's resident memory, which the allocator does not always hand back between
-points: cache_bytes (the KV cache's own tensors) is the exact measure there.
+Memory is freed between points (stream.free_memory at the start of each point, and
+before it the freed heap is handed back to the OS with glibc's malloc_trim, so that
+peak RSS starts from the same floor at every point). On CPU peak RSS is still the
+whole process's resident memory (weights, activations, allocator slack):
+cache_bytes (the KV cache's own tensors) is the exact measure there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -249,6 +253,17 @@ def load_batch_text(config: BatchConfig, tokenizer):
     ) from None
 
 
+def release_host_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim), so that
+    one point's peak RSS does not include memory the allocator kept from a bigger point before it."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc: RSS may then carry over between points (cache_bytes is exact)
+    trim(0)
+
+
 def _oom_record(spec: MethodSpec, config: RunConfig, message: str) -> dict:
     record = dict.fromkeys(RECORD_FIELDS, None)
     record.update(method=spec.name, length=config.lengths[-1], status="oom", batch_size=config.batch_size, error=message)
@@ -301,6 +316,7 @@ class BatchRunner:
         from .texts import text_segments
 
         config = replace(self._base, batch_size=batch_size, methods=(spec,))
+        release_host_memory()
         tokens = text_segments(self.text_tokens, batch_size, config.tokens_needed)
         with self.progress(f"{spec.name} × {batch_size}", config.tokens_needed - 1) as advance:
             point_writer = _PointWriter(self.writer)
