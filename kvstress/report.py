@@ -174,7 +174,7 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
     for order, (path, doc) in enumerate(docs):
         device = _device(doc)
         if doc["kind"] == "needle":
-            _add_needle(doc, path, row, notes)
+            _add_needle(doc, path, row, notes, device)
             has_needle = True
         elif doc["kind"] == "ppl":
             column = ppl_column(dataset_name(doc))
@@ -230,7 +230,7 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
     return Report(columns, table, notes)
 
 
-def _add_needle(doc: dict, path: Path, row, notes: list[str]) -> None:
+def _add_needle(doc: dict, path: Path, row, notes: list[str], device: str | None) -> None:
     """Mean retrieval accuracy per method of a needle file; a method with no cell that ran shows OOM."""
     from .needle import mean_accuracy, needle_cells
 
@@ -243,6 +243,7 @@ def _add_needle(doc: dict, path: Path, row, notes: list[str]) -> None:
                      f"(lengths {lengths}; depths {depths})")
     for method in dict.fromkeys([c["method"] for c in cells] + [r["method"] for r in doc["records"]]):
         entry = row(method)
+        entry.add_context(None, device)
         mine = [c for c in cells if c["method"] == method]
         accuracy = mean_accuracy(mine)
         failed = [r for r in doc["records"] if r["method"] == method and r["status"] != "ok"]

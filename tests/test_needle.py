@@ -317,6 +317,7 @@ def test_report_retrieval_column(needle_file, tmp_path):
     assert rows["baseline"][RETRIEVAL_COLUMN] == 1.0  # the cells that ran; the OOM is a note
     assert rows["streaming_4_256"][RETRIEVAL_COLUMN] == pytest.approx(1 / 3)
     assert rows["h2o_4_32_256"][RETRIEVAL_COLUMN] is None  # no needle results: "–"
+    assert rows["streaming_4_256"]["Device"] == "Intel Xeon"
     assert any("out of memory" in note or "oom" in note for note in report.notes)
     text = render(report)
     assert "Retrieval acc" in text.splitlines()[0]
