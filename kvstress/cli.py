@@ -126,7 +126,6 @@ def sweep(
 def _run_sweep(config: RunConfig, *, force: bool, resume: bool, isolate: bool) -> None:
     from . import models
     from .results import ResultsError, ResultsWriter, environment
-    from .stream import RunInterrupted, load_run_model, load_run_text, stop_on_interrupt
 
     torch_device = models.resolve_device(config.device)
     if resume:
@@ -136,6 +135,19 @@ def _run_sweep(config: RunConfig, *, force: bool, resume: bool, isolate: bool) -
         console.print(f"resuming {config.out}: {len(writer.done_points())} points already measured")
     else:
         writer = ResultsWriter(config.out, "sweep", config.to_json(), environment(torch_device), overwrite=force)
+    try:
+        _measure_sweep(config, writer, isolate=isolate)
+    except typer.Exit:
+        raise  # an interrupted run keeps its file, even empty, so that --resume finds it
+    except BaseException:
+        # A run that fails before it measured anything leaves no file behind to block the rerun.
+        if not resume and not writer.records:
+            config.out.unlink(missing_ok=True)
+        raise
+
+
+def _measure_sweep(config: RunConfig, writer, *, isolate: bool) -> None:
+    from .stream import RunInterrupted, load_run_model, load_run_text, stop_on_interrupt
 
     text, tokens = load_run_text(config)
     console.print(f"text: {text.description}")

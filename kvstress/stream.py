@@ -305,12 +305,13 @@ class SweepRunner:
         if self.finished.covers(spec.name, lengths):
             return []
         self._free()
-        self._warm_up(spec)
-        self.sampler.reset_peak()
         self._samples: list[dict] = []
-        stream = _Stream(spec, self._new_cache(spec))
-        records, failure, heading_for = [], None, lengths[0]
+        stream, records, failure, heading_for = None, [], None, lengths[0]
         try:
+            # Inside the try: a warm-up that runs out of memory is a result like any other.
+            self._warm_up(spec)
+            self.sampler.reset_peak()
+            stream = _Stream(spec, self._new_cache(spec))
             for length in lengths:
                 heading_for = length
                 record = self._checkpoint(stream, length)
@@ -323,7 +324,7 @@ class SweepRunner:
         finally:
             self._flush_samples()
         if failure is not None:
-            tokens_seen = stream.position
+            tokens_seen = stream.position if stream is not None else 0
             stream = None
             self._free()
             self.writer.add_event({"method": spec.name, "type": "oom", "length": heading_for,

@@ -177,6 +177,7 @@ def test_more_bad_input_is_a_one_line_error(tmp_path, text_file, monkeypatch, ar
     result = runner.invoke(app, ["sweep", *defaults, "--out", str(tmp_path / "r.json"), *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()  # nothing left behind to block the corrected rerun
 
 
 def test_not_a_causal_lm(tmp_path, text_file):
