@@ -217,6 +217,11 @@ def _sweep_isolated(config: RunConfig, writer) -> None:
             console.print(f"[red]{spec.name}: the child process {describe_exit(exit_code)}; going on with the next method[/]")
 
 
+def print_out(renderable, **kwargs) -> None:
+    """Results go to stdout; piped output has no terminal width, so give tables room."""
+    Console(width=None if sys.stdout.isatty() else 160).print(renderable, **kwargs)
+
+
 def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
@@ -234,8 +239,7 @@ def print_summary(records: list[dict]) -> None:
             format_bytes(peak), format_bytes(r.get("cache_bytes")), _fmt(r.get("cache_tokens"), "d"),
             _fmt(r.get("perplexity")),
         )
-    # Piped output has no terminal width; keep the table readable in logs.
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print_out(table)
 
 
 @app.command()
@@ -295,7 +299,7 @@ def print_ppl_table(run) -> None:
         context = "all" if id(r) in overall else f"{starts.get(r['length'], 0) + 1}–{r['length']}"
         table.add_row(r["method"], context, r["status"], _fmt(r.get("tokens_scored"), "d"), _fmt(r.get("nll_mean"), ".4f"),
                       _fmt(r.get("perplexity")), _fmt(r.get("tpot_ms_median")))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print_out(table)
 
 
 @app.command()
@@ -392,17 +396,16 @@ def print_batch_table(run) -> None:
             r["method"], str(r["batch_size"]), r["status"], _fmt(r.get("tpot_ms_median")), _fmt(r.get("tpot_ms_p90")),
             _fmt(r.get("throughput_tok_s"), ".1f"), format_bytes(r.get(peak_field)), format_bytes(r.get("cache_bytes")),
         )
-    out = Console(width=None if sys.stdout.isatty() else 160)
-    out.print(table)
+    print_out(table)
     best = Table(title="largest batch that fits")
     for column in ("method", "max batch", "first OOM", "limited by", "probes"):
         best.add_column(column, justify="left" if column in ("method", "limited by", "probes") else "right")
     for method, event in run.max_batch.items():
         best.add_row(method, _fmt(event["batch_size"], "d"), _fmt(event["first_oom"], "d"), event["limited_by"],
                      ",".join(map(str, event["probes"])))
-    out.print(best)
+    print_out(best)
     for event in run.max_batch.values():
-        out.print(describe_max_batch(event), markup=False, highlight=False)
+        print_out(describe_max_batch(event), markup=False, highlight=False)
 
 
 @contextmanager
@@ -513,7 +516,7 @@ def print_needle_table(run) -> None:
                 else:
                     row.append(f"{cell['exact']}/{cell['trials']} ({cell['partial']})")
             table.add_row(spec.name, f"{depth:g}%", *row)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print_out(table)
 
 
 @app.command()
