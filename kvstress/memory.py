@@ -265,6 +265,12 @@ class MemorySampler:
             "peak_cache_bytes": self._peak_cache,
         }
 
+    def peak_record(self) -> dict:
+        """The peaks under the names a results record uses (the cache's peak is not one of them)."""
+        peak = self.peak()
+        del peak["peak_cache_bytes"]
+        return peak
+
     def reset_peak(self) -> None:
         """Start a new peak window (e.g. at each method or checkpoint)."""
         if self._cuda:

@@ -421,16 +421,13 @@ class NeedleRunner:
                     cells.append(cell["event"])
                     timings.extend(cell["timings"])
                 steps = [ms for t in timings for ms in t.step_ms]
-                peak = self.sampler.peak()
+                peak = self.sampler.peak_record()
                 records.append(self.writer.add_record({
                     "method": spec.name, "length": length, "status": "ok", "batch_size": 1,
                     "ttft_s": statistics.median(t.ttft_s for t in timings),
                     "tpot_ms_median": statistics.median(steps) if steps else None,
                     "tpot_ms_p90": percentile(steps, 0.9) if steps else None,
-                    "peak_allocated_bytes": peak["peak_allocated_bytes"],
-                    "peak_reserved_bytes": peak["peak_reserved_bytes"],
-                    "peak_nvml_used_bytes": peak["peak_nvml_used_bytes"],
-                    "peak_rss_bytes": peak["peak_rss_bytes"],
+                    **peak,
                     "cache_bytes": timings[-1].cache_bytes,
                     "cache_tokens": timings[-1].cache_tokens,
                 }))

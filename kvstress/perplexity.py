@@ -256,7 +256,7 @@ class PerplexityRunner:
             return records
 
         nll_mean = nll.double().sum().item() / config.tokens
-        peak = self.sampler.peak()
+        peak = self.sampler.peak_record()
         tpot = statistics.median(per_token_ms) if per_token_ms else None
         overall = self.writer.add_record({
             "method": spec.name, "length": config.tokens, "status": "ok", "batch_size": 1,
@@ -264,10 +264,7 @@ class PerplexityRunner:
             "tpot_ms_p90": percentile(per_token_ms, 0.9) if per_token_ms else None,
             "throughput_tok_s": config.tokens / total_s if total_s > 0 else None,
             "attn_ms_mean": statistics.fmean(attention_ms) if attention_ms else None,
-            "peak_allocated_bytes": peak["peak_allocated_bytes"],
-            "peak_reserved_bytes": peak["peak_reserved_bytes"],
-            "peak_nvml_used_bytes": peak["peak_nvml_used_bytes"],
-            "peak_rss_bytes": peak["peak_rss_bytes"],
+            **peak,
             "cache_bytes": cache_bytes(cache),
             "cache_tokens": cached_tokens(cache),
             "nll_mean": nll_mean,

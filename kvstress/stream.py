@@ -272,7 +272,7 @@ class SweepRunner:
                 else:
                     step_times.append(elapsed * 1000)
         tpot_median = statistics.median(step_times)
-        peak = self.sampler.peak()
+        peak = self.sampler.peak_record()
         cache = stream.cache
         perplexity = nll_mean = None
         if stream.nll_count:
@@ -288,10 +288,7 @@ class SweepRunner:
             "tpot_ms_p90": percentile(step_times, 0.9),
             "throughput_tok_s": config.batch_size * 1000.0 / tpot_median,
             "attn_ms_mean": attn_s * 1000,
-            "peak_allocated_bytes": peak["peak_allocated_bytes"],
-            "peak_reserved_bytes": peak["peak_reserved_bytes"],
-            "peak_nvml_used_bytes": peak["peak_nvml_used_bytes"],
-            "peak_rss_bytes": peak["peak_rss_bytes"],
+            **peak,
             "cache_bytes": cache_bytes(cache),
             "cache_tokens": cached_tokens(cache),
             "nll_mean": nll_mean,
