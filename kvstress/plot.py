@@ -301,6 +301,10 @@ def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("context length (tokens, bucket end)")
     ax.set_ylabel("perplexity of the tokens in the bucket")
+    values = [record["perplexity"] for record in records if record.get("perplexity")]
+    if values and max(values) / min(values) >= 20:
+        # A cache that breaks down (perplexity in the thousands) would flatten the ones that do not.
+        ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     figure.suptitle(_title(docs, "ppl"))

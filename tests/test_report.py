@@ -214,3 +214,13 @@ def test_ppl_figure_from_results_files(tmp_path, files):
     assert [line for line in ax.get_lines() if (line.get_gid() or "").startswith("failure:")]  # the OOM
     out = plot_results(files[:1], tmp_path / "ppl.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ppl_figure_goes_logarithmic_only_when_a_cache_breaks_down(tmp_path):
+    from kvstress.plot import build_ppl_figure
+    from kvstress.results import load_results
+
+    calm = load_results(write_ppl(tmp_path / "calm.json", "pg19", {"baseline": 30.0, "streaming_8_256": 40.0}))
+    broken = load_results(write_ppl(tmp_path / "broken.json", "pg19", {"baseline": 2000.0, "streaming_8_256": 40.0}))
+    assert build_ppl_figure([calm]).axes[0].get_yscale() == "linear"
+    assert build_ppl_figure([broken]).axes[0].get_yscale() == "log"
