@@ -145,24 +145,28 @@ class _Series:
         return [record for record in self.by_length.values() if record["status"] != "ok"]
 
 
-def _sweep_series(docs: Sequence[dict], sources: Sequence[str]) -> list[_Series]:
+def _method_styles(docs: Sequence[dict], sources: Sequence[str]):
+    """(doc, method, label, colour, linestyle) for each method of each file.
+
+    A method keeps one colour across files and each file one line style; spec strings
+    alone are ambiguous once two files hold the same method, so labels then name the file.
+    """
     methods_per_file = [list(dict.fromkeys(r["method"] for r in doc["records"])) for doc in docs]
     all_methods = list(dict.fromkeys(m for methods in methods_per_file for m in methods))
-    # Spec strings alone are ambiguous once two files hold the same method.
     collide = sum(len(methods) for methods in methods_per_file) > len(all_methods)
     colors = {method: f"C{i % 10}" for i, method in enumerate(all_methods)}
-    series = []
     for index, (doc, source, methods) in enumerate(zip(docs, sources, methods_per_file)):
         for method in methods:
-            series.append(
-                _Series(
-                    label=f"{source}: {method}" if collide else method,
-                    color=colors[method],
-                    linestyle=_LINESTYLES[index % len(_LINESTYLES)],
-                    records=[r for r in doc["records"] if r["method"] == method],
-                )
-            )
-    return series
+            label = f"{source}: {method}" if collide else method
+            yield doc, method, label, colors[method], _LINESTYLES[index % len(_LINESTYLES)]
+
+
+def _sweep_series(docs: Sequence[dict], sources: Sequence[str]) -> list[_Series]:
+    return [
+        _Series(label=label, color=color, linestyle=linestyle,
+                records=[r for r in doc["records"] if r["method"] == method])
+        for doc, method, label, color, linestyle in _method_styles(docs, sources)
+    ]
 
 
 def _sweep_panels(records: list[dict]) -> list[tuple[str, str]]:
@@ -333,19 +337,13 @@ def _batch_panels(records: list[dict]) -> list[tuple[str, str]]:
 def _batch_lines(docs: Sequence[dict], sources: Sequence[str]) -> list[tuple[str, str, str, dict[int, dict]]]:
     """(label, colour, linestyle, records by batch size) per method and file; a batch
     measured twice (a probe repeated) counts its last record."""
-    methods_per_file = [list(dict.fromkeys(r["method"] for r in doc["records"])) for doc in docs]
-    all_methods = list(dict.fromkeys(m for methods in methods_per_file for m in methods))
-    collide = sum(len(methods) for methods in methods_per_file) > len(all_methods)
-    colors = {method: f"C{i % 10}" for i, method in enumerate(all_methods)}
     lines = []
-    for index, (doc, source, methods) in enumerate(zip(docs, sources, methods_per_file)):
-        for method in methods:
-            by_batch: dict[int, dict] = {}
-            for record in doc["records"]:
-                if record["method"] == method and record.get("batch_size") is not None:
-                    by_batch[record["batch_size"]] = record
-            lines.append((f"{source}: {method}" if collide else method, colors[method],
-                          _LINESTYLES[index % len(_LINESTYLES)], dict(sorted(by_batch.items()))))
+    for doc, method, label, color, linestyle in _method_styles(docs, sources):
+        by_batch: dict[int, dict] = {}
+        for record in doc["records"]:
+            if record["method"] == method and record.get("batch_size") is not None:
+                by_batch[record["batch_size"]] = record
+        lines.append((label, color, linestyle, dict(sorted(by_batch.items()))))
     return lines
 
 
