@@ -530,7 +530,7 @@ def needle(
     needles: int = typer.Option(3, help="Trials (needles) per length and depth, each its own haystack and number."),
     seed: int = typer.Option(0, help="Seeds the haystack segments and the numbers (and random weights)."),
     chunk: int = typer.Option(512, help="Prefill chunk size; the question always gets its own forward."),
-    max_new_tokens: int = typer.Option(10, help="Most tokens generated per answer (stops after the first number)."),
+    max_new_tokens: int = typer.Option(24, help="Most tokens generated per answer (stops after the first number)."),
     model: str = MODEL_OPTION,
     dataset: Optional[str] = DATASET_OPTION,
     device: str = DEVICE_OPTION,

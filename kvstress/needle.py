@@ -20,8 +20,8 @@ The prompt goes through the method's cache the honest way: the context (head to 
 end of the haystack) in prefill chunks, then the tail in its own forward, so the question
 sees the needle only through what the cache kept; then greedy decoding, one token per
 forward, for a few tokens. The answer's first number is scored against the needle:
-exact, partial (a prefix of two or more digits, half or more of the digits in place, or
-the number appearing later) or wrong. accuracy = exact / trials.
+exact, partial (a prefix of half or more of the digits, half or more of the digits in
+place, or the number appearing later) or wrong. accuracy = exact / trials.
 
 Results (kind "needle"): one event "needle_cell" per (method, length, depth) with the
 trials, counts, accuracy and every answer, written as each cell finishes; one record per
@@ -95,7 +95,7 @@ class NeedleConfig:
     model: str = "smollm2-135m"
     dataset: str | None = None
     chunk: int = 512
-    max_new_tokens: int = 10
+    max_new_tokens: int = 24
     device: str = "auto"
     dtype: str = "auto"
     positions: str = "original"
@@ -277,8 +277,9 @@ def answer_numbers(answer: str) -> list[str]:
 
 
 def score_answer(answer: str, number: str) -> str:
-    """exact: the answer's first number is the needle's. partial: a prefix of two or more
-    digits, half or more of the digits in place, or the needle as a later number. Else wrong."""
+    """exact: the answer's first number is the needle's. partial: a prefix of half or more
+    of the digits, half or more of the digits in place, or the needle as a later number.
+    Else wrong: a two-digit guess like "11" must not count for 11726."""
     numbers = answer_numbers(answer)
     if not numbers:
         return "wrong"
@@ -287,13 +288,14 @@ def score_answer(answer: str, number: str) -> str:
         return "exact"
     if any(number in n for n in numbers):
         return "partial"
+    half = math.ceil(len(number) / 2)
     prefix = 0
     for a, b in zip(first, number):
         if a != b:
             break
         prefix += 1
     in_place = sum(a == b for a, b in zip(first, number))
-    if prefix >= min(2, len(number)) or in_place >= math.ceil(len(number) / 2):
+    if prefix >= half or in_place >= half:
         return "partial"
     return "wrong"
 

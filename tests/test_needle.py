@@ -110,7 +110,8 @@ def test_same_seed_same_prompts_and_numbers(builder, haystack):
     (" 73,914 is it", "exact"),
     ("\n\nThe magic number is 73914", "exact"),
     ("7391", "partial"),  # a prefix
-    (" 73.", "partial"),  # a two-digit prefix
+    (" 739.", "partial"),  # a three-digit prefix: half or more of the digits
+    (" 73.", "wrong"),  # a two-digit prefix is what a guess like "11" gets for 11726
     ("73915", "partial"),  # four digits in place
     ("739145", "partial"),  # all the digits and one more
     ("12, then 73914", "partial"),  # the right number, but not first
