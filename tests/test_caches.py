@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from kvstress import make_cache
 from kvstress.caches import cache_bytes
@@ -219,6 +220,32 @@ def test_batched_h2o_keeps_per_sequence_what_it_keeps_alone(model):
         stream(model, alone, text, 3)
         for layer in range(2):
             assert batched.kept_positions(layer)[b].tolist() == alone.kept_positions(layer)[0].tolist()
+
+
+@pytest.mark.parametrize("batch, rows", [(1, 1), (3, 1), (3, 3)], ids=["batch1", "shared-positions", "own-positions"])
+def test_decode_scoring_matches_the_chunk_scoring_it_shortcuts(model, batch, rows):
+    """A decode step folds RoPE and the softmax scale into one matrix shared by all layers
+    and scores with bmm; it must give what the general (prefill) path gives."""
+    from kvstress.caches.base import apply_rotary
+    from kvstress.caches.h2o import attention_mass, decode_attention_mass
+
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, total, scaling = 4, 2, 16, 37, 0.25
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, total, dim, generator=generator)
+    positions = torch.randint(0, 5000, (rows, 1), generator=generator)
+    rotary = LlamaRotaryEmbedding(LlamaConfig(head_dim=dim, hidden_size=dim * heads, num_attention_heads=heads))
+    cos, sin = rotary(query, positions)
+    cache = make_cache("h2o_2_6_24", model)
+
+    rotation = cache.scaled_rotation(cos, sin, scaling)
+    assert cache.scaled_rotation(cos, sin, scaling) is rotation  # built once per forward
+    rotated = torch.matmul(query.reshape(rows, batch * heads // rows, dim), rotation).view(batch, heads, 1, dim)
+    expected_query = apply_rotary(query, cos.unsqueeze(1), sin.unsqueeze(1))
+    torch.testing.assert_close(rotated, expected_query * scaling, rtol=0, atol=1e-6)
+
+    expected = attention_mass(expected_query, keys, scaling, start=total - 1)
+    torch.testing.assert_close(decode_attention_mass(rotated.view(batch, heads, dim), keys), expected)
 
 
 # -- memory ------------------------------------------------------------------------------

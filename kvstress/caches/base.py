@@ -63,6 +63,9 @@ class FixedCapacityLayer(CacheLayerMixin):
         self.kept = 0  # n: slots holding tokens from earlier forwards
         self.seen = 0  # tokens ever written, i.e. the next token's absolute position
         self.positions: torch.Tensor | None = None  # [batch, kv_heads, slots] absolute positions
+        # Slices of the buffers by slot range, made once: a decode step touches the same few
+        # ranges every time, and on CPU making a view costs as much as a small kernel.
+        self._views: dict[tuple[str, int, int], torch.Tensor] = {}
         self._pending_total: int | None = None  # n + q while a forward is between update and eviction
         # Filled by the attention hooks for the current forward (see hooks.py).
         self.query: torch.Tensor | None = None  # [batch, heads, q, head_dim], before RoPE
@@ -94,15 +97,28 @@ class FixedCapacityLayer(CacheLayerMixin):
         self.values = value_like.new_zeros(batch, heads, slots, value_like.shape[-1])
         self.positions = torch.full((batch, heads, slots), -1, dtype=torch.long, device=key_like.device)
         self._allocate_policy_buffers(batch, heads, slots, key_like.device)
+        self._views.clear()
         for new, previous in zip(self._buffers(), old):
             new[:, :, : self.kept].copy_(previous[:, :, : self.kept])
 
     def _allocate_policy_buffers(self, batch: int, heads: int, slots: int, device: torch.device) -> None:
         """Per-slot state a policy needs besides keys, values and positions."""
 
+    # Every tensor indexed by slot on dim 2; compaction moves them together.
+    buffer_names: tuple[str, ...] = ("keys", "values", "positions")
+
     def _buffers(self) -> list[torch.Tensor]:
-        """Every tensor indexed by slot on dim 2; compaction moves them together."""
-        return [t for t in (self.keys, self.values, self.positions) if t is not None]
+        return [t for t in (getattr(self, name) for name in self.buffer_names) if t is not None]
+
+    def _view(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """`buffer[:, :, start:stop]` for the buffer called `name`, made once per range."""
+        key = (name, start, stop)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 256:  # ranges seen while filling up are not seen again
+                self._views.clear()
+            view = self._views[key] = getattr(self, name)[:, :, start:stop]
+        return view
 
     @property
     def nbytes(self) -> int:
@@ -128,17 +144,21 @@ class FixedCapacityLayer(CacheLayerMixin):
             if self.raw_keys is None:
                 raise RuntimeError("shifted positions need the attention hooks: build the cache with make_cache")
             stored_keys = self.raw_keys
-        self.keys[:, :, start:total].copy_(stored_keys)
-        self.values[:, :, start:total].copy_(value_states)
-        self.positions[:, :, start:total] = torch.arange(self.seen, self.seen + incoming, device=self.device)
+        self._view("keys", start, total).copy_(stored_keys)
+        self._view("values", start, total).copy_(value_states)
+        new_positions = self._view("positions", start, total)
+        if incoming == 1:
+            new_positions.fill_(self.seen)
+        else:
+            new_positions.copy_(torch.arange(self.seen, self.seen + incoming, device=self.device))
         self.seen += incoming
         self._pending_total = total
 
-        keys = self.keys[:, :, :total]
+        keys = self._view("keys", 0, total)
         if self.shifted:
-            keys = self._rotate_by_rank(keys, self.positions[:, :, :total])
+            keys = self._rotate_by_rank(keys, self._view("positions", 0, total))
         self.observe_attention(keys, start, total)
-        return keys, self.values[:, :, :total]
+        return keys, self._view("values", 0, total)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The mask works in slot space: query i of this forward sits at slot kept + i.
@@ -204,22 +224,27 @@ class FixedCapacityLayer(CacheLayerMixin):
         capacity = self.capacity
         if victims.shape[-1] == 1:
             # One victim (a decode step): the only tail slot moves into it, or stays if it is the victim.
-            sources = None
-            destinations = victims
-        else:
-            in_tail = torch.ones(victims.shape[:2] + (total,), dtype=torch.bool, device=victims.device)
-            in_tail.scatter_(2, victims, False)
-            tail_index = torch.arange(capacity, total, device=victims.device).expand(*victims.shape[:2], -1)
-            sentinel = torch.iinfo(torch.long).max
-            sources = torch.where(in_tail[:, :, capacity:], tail_index, sentinel).sort(dim=-1).values
-            destinations = torch.where(victims < capacity, victims, sentinel).sort(dim=-1).values
-            sources = sources.masked_fill(sources == sentinel, capacity)
-            destinations = destinations.masked_fill(destinations == sentinel, capacity)
+            expanded: dict[int, torch.Tensor] = {}  # keys and values usually share the head size
+            for name in self.buffer_names:
+                buffer = getattr(self, name)
+                if buffer.dim() == 3:
+                    index = victims
+                else:
+                    index = expanded.get(buffer.shape[-1])
+                    if index is None:
+                        index = expanded[buffer.shape[-1]] = _expand_index(victims, buffer)
+                buffer.scatter_(2, index, self._view(name, capacity, capacity + 1))
+            return
+        in_tail = torch.ones(victims.shape[:2] + (total,), dtype=torch.bool, device=victims.device)
+        in_tail.scatter_(2, victims, False)
+        tail_index = torch.arange(capacity, total, device=victims.device).expand(*victims.shape[:2], -1)
+        sentinel = torch.iinfo(torch.long).max
+        sources = torch.where(in_tail[:, :, capacity:], tail_index, sentinel).sort(dim=-1).values
+        destinations = torch.where(victims < capacity, victims, sentinel).sort(dim=-1).values
+        sources = sources.masked_fill(sources == sentinel, capacity)
+        destinations = destinations.masked_fill(destinations == sentinel, capacity)
         for buffer in self._buffers():
-            if sources is None:
-                moved = buffer[:, :, capacity : capacity + 1]
-            else:
-                moved = buffer.gather(2, _expand_index(sources, buffer))
+            moved = buffer.gather(2, _expand_index(sources, buffer))
             buffer.scatter_(2, _expand_index(destinations, buffer), moved)
 
     # -- diagnostics --------------------------------------------------------------
@@ -255,6 +280,10 @@ class CompressedCache(Cache):
         self.lazy = lazy
         self._rotary_embedding = rotary_embedding
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # One forward's RoPE, as every layer asks for it; holding the tensors keeps their
+        # identity from being reused while the memo is alive.
+        self._cache_positions_memo: tuple | None = None
+        self._rotation_memo: tuple | None = None
         shifted = positions == "shifted"
         super().__init__(layers=[self.layer_class(self, spec, lazy, shifted) for _ in range(num_layers)])
 
@@ -271,6 +300,32 @@ class CompressedCache(Cache):
             cos, sin = self._rotary_embedding(like, position_ids)
             self._rope_cache = cached = (cos[0], sin[0])
         return cached[0][:length], cached[1][:length]
+
+    def rope_in_cache(self, kept: int, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, length, head_dim] for positions kept..kept+length-1 (shifted mode's query),
+        the same tensors for every layer of a forward."""
+        table = self.rope_table(kept + length, like)
+        memo = self._cache_positions_memo
+        if memo is None or memo[0] is not self._rope_cache[0] or memo[1:3] != (kept, length):
+            rope = (table[0][kept:].unsqueeze(0), table[1][kept:].unsqueeze(0))
+            memo = self._cache_positions_memo = (self._rope_cache[0], kept, length, rope)
+        return memo[3]
+
+    def scaled_rotation(self, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
+        """[batch, dim, dim] M with query @ M == apply_rotary(query, cos, sin) * scaling for one
+        query token per sequence (cos, sin [batch, 1, dim]); built once per forward, not per layer."""
+        memo = self._rotation_memo
+        if memo is None or memo[0] is not cos or memo[1] is not sin or memo[2] != scaling:
+            dim = cos.shape[-1]
+            half = dim // 2
+            # rotate_half(x) == x @ turn: column j < half takes -x[j + half], j >= half takes x[j - half].
+            turn = torch.zeros(dim, dim, dtype=cos.dtype, device=cos.device)
+            index = torch.arange(half, device=cos.device)
+            turn[index + half, index] = -1
+            turn[index, index + half] = 1
+            rotation = (torch.diag_embed(cos[:, 0]) + turn * sin[:, 0].unsqueeze(1)) * scaling
+            memo = self._rotation_memo = (cos, sin, scaling, rotation)
+        return memo[3]
 
     @property
     def nbytes(self) -> int:

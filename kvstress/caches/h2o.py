@@ -21,6 +21,7 @@ from .base import _SCORE_BLOCK_ELEMENTS, CompressedCache, FixedCapacityLayer, ap
 
 class H2OLayer(FixedCapacityLayer):
     wants_query = True
+    buffer_names = FixedCapacityLayer.buffer_names + ("scores",)
 
     def __init__(self, owner, spec, lazy: int, shifted: bool):
         super().__init__(owner, spec, lazy, shifted)
@@ -30,25 +31,45 @@ class H2OLayer(FixedCapacityLayer):
     def _allocate_policy_buffers(self, batch, heads, slots, device) -> None:
         self.scores = torch.zeros(batch, heads, slots, dtype=torch.float32, device=device)
 
-    def _buffers(self) -> list[torch.Tensor]:
-        return super()._buffers() + ([self.scores] if self.scores is not None else [])
-
     def observe_attention(self, keys: torch.Tensor, start: int, total: int) -> None:
         if self.query is None or self.rope is None:
             raise RuntimeError("H2O needs the attention hooks to see queries: build the cache with make_cache")
         cos, sin = self.rope
-        query = apply_rotary(self.query, cos.unsqueeze(1), sin.unsqueeze(1))
+        if self.query.shape[2] == 1:
+            # A decode step: RoPE and the softmax scale as one small matmul, shared by all layers.
+            batch, heads, _, dim = self.query.shape
+            rotation = self.owner.scaled_rotation(cos, sin, self.scaling)
+            rows = rotation.shape[0]  # 1 when every sequence is at the same position
+            query = torch.bmm(self.query.reshape(rows, batch * heads // rows, dim), rotation)
+            mass = decode_attention_mass(query.view(batch, heads, dim), keys)
+        else:
+            query = apply_rotary(self.query, cos.unsqueeze(1), sin.unsqueeze(1))
+            mass = attention_mass(query, keys, self.scaling, start)
         # New tokens start from nothing, except sinks, which start (and stay) at +inf so
         # that eviction only has to protect the recent window.
-        self.scores[:, :, start:total] = 0
+        self._view("scores", start, total).zero_()
         new_sinks = min(max(self.sink - (self.seen - (total - start)), 0), total - start)
         if new_sinks:
-            self.scores[:, :, start : start + new_sinks] = float("inf")
-        self.scores[:, :, :total] += attention_mass(query, keys, self.scaling, start)
+            self._view("scores", start, start + new_sinks).fill_(float("inf"))
+        self._view("scores", 0, total).add_(mass)
 
     def eviction_priority(self, total: int) -> torch.Tensor:
-        recent = self.positions[:, :, :total] >= self.seen - self.window
-        return self.scores[:, :, :total].masked_fill(recent, float("inf"))
+        recent = self._view("positions", 0, total) >= self.seen - self.window
+        return self._view("scores", 0, total).masked_fill(recent, float("inf"))
+
+
+def decode_attention_mass(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`attention_mass` for one query token already rotated and scaled: one small softmax.
+
+    query [batch, heads, dim]; keys [batch, kv_heads, total, dim] → [batch, kv_heads, total]
+    float32. Written with bmm and views only: on CPU each extra op costs about as much as
+    this whole computation.
+    """
+    batch, heads, dim = query.shape
+    kv_heads, total = keys.shape[1], keys.shape[2]
+    grouped = query.view(batch * kv_heads, heads // kv_heads, dim)
+    logits = torch.bmm(grouped, keys.reshape(batch * kv_heads, total, dim).transpose(1, 2))
+    return logits.softmax(dim=-1, dtype=torch.float32).sum(dim=1).view(batch, kv_heads, total)
 
 
 def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, start: int) -> torch.Tensor:
@@ -60,9 +81,6 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, star
     batch, heads, length, dim = query.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    if length == 1:  # a decode step: one small softmax, no blocks, no mask
-        logits = torch.matmul(query.reshape(batch, kv_heads, group, dim), keys.transpose(-1, -2))
-        return logits.float().mul_(scaling).softmax(dim=-1).sum(dim=2)
     grouped = query.reshape(batch, kv_heads, group, length, dim)
     mass = torch.zeros(batch, kv_heads, total, dtype=torch.float32, device=keys.device)
     block = max(1, _SCORE_BLOCK_ELEMENTS // (batch * heads * total))

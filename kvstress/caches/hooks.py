@@ -119,8 +119,7 @@ def attach(model: nn.Module) -> AttentionLinks:
             if layer.shifted:
                 hidden_states = args[0] if args else kwargs["hidden_states"]
                 length = hidden_states.shape[1]
-                cos, sin = cache.rope_table(layer.kept + length, hidden_states)
-                rope = (cos[layer.kept :].unsqueeze(0), sin[layer.kept :].unsqueeze(0))
+                rope = cache.rope_in_cache(layer.kept, length, hidden_states)
                 kwargs["position_embeddings"] = rope
             layer.rope = rope
             return args, kwargs

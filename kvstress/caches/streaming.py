@@ -14,7 +14,7 @@ from .base import CompressedCache, FixedCapacityLayer
 
 class StreamingLayer(FixedCapacityLayer):
     def eviction_priority(self, total: int) -> torch.Tensor:
-        positions = self.positions[:, :, :total]
+        positions = self._view("positions", 0, total)
         # Oldest first; sinks never.
         return positions.masked_fill(positions < self.sink, torch.iinfo(torch.long).max)
 
