@@ -98,6 +98,9 @@ class FixedCapacityLayer(CacheLayerMixin):
         self.positions = torch.full((batch, heads, slots), -1, dtype=torch.long, device=key_like.device)
         self._allocate_policy_buffers(batch, heads, slots, key_like.device)
         self._views.clear()
+        for buffer in self._buffers():
+            # Fixed addresses let a compiled decode step update them in place inside a CUDA graph.
+            torch._dynamo.mark_static_address(buffer)
         for new, previous in zip(self._buffers(), old):
             new[:, :, : self.kept].copy_(previous[:, :, : self.kept])
 
@@ -112,6 +115,8 @@ class FixedCapacityLayer(CacheLayerMixin):
 
     def _view(self, name: str, start: int, stop: int) -> torch.Tensor:
         """`buffer[:, :, start:stop]` for the buffer called `name`, made once per range."""
+        if self.owner.in_graph:  # a compiled graph slices for free; the buffers are its inputs, not views
+            return getattr(self, name)[:, :, start:stop]
         key = (name, start, stop)
         view = self._views.get(key)
         if view is None:
@@ -147,11 +152,16 @@ class FixedCapacityLayer(CacheLayerMixin):
         self._view("keys", start, total).copy_(stored_keys)
         self._view("values", start, total).copy_(value_states)
         new_positions = self._view("positions", start, total)
-        if incoming == 1:
-            new_positions.fill_(self.seen)
+        if self.owner.in_graph:
+            # A compiled decode step reads the position from a tensor, so the graph does not
+            # depend on it; CompiledDecode moves the Python counters on after the step.
+            new_positions.copy_(self.owner.next_position)
         else:
-            new_positions.copy_(torch.arange(self.seen, self.seen + incoming, device=self.device))
-        self.seen += incoming
+            if incoming == 1:
+                new_positions.fill_(self.seen)
+            else:
+                new_positions.copy_(torch.arange(self.seen, self.seen + incoming, device=self.device))
+            self.seen += incoming
         self._pending_total = total
 
         keys = self._view("keys", 0, total)
@@ -163,6 +173,10 @@ class FixedCapacityLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The mask works in slot space: query i of this forward sits at slot kept + i.
         return self.kept + query_length, 0
+
+    def seen_after_update(self) -> int | torch.Tensor:
+        """Tokens seen including this forward's: a tensor inside a compiled decode step."""
+        return self.owner.next_position + 1 if self.owner.in_graph else self.seen
 
     def get_seq_length(self) -> int:
         # What the model adds to arange(q) to position new tokens when the caller gives no
@@ -263,6 +277,17 @@ def _expand_index(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
 
 
+def _scaled_rotation(cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
+    dim = cos.shape[-1]
+    half = dim // 2
+    # rotate_half(x) == x @ turn: column j < half takes -x[j + half], j >= half takes x[j - half].
+    turn = torch.zeros(dim, dim, dtype=cos.dtype, device=cos.device)
+    index = torch.arange(half, device=cos.device)
+    turn[index + half, index] = -1
+    turn[index, index + half] = 1
+    return (torch.diag_embed(cos[:, 0]) + turn * sin[:, 0].unsqueeze(1)) * scaling
+
+
 class CompressedCache(Cache):
     """A transformers `Cache` of fixed-capacity layers, linked to the model it serves."""
 
@@ -284,6 +309,11 @@ class CompressedCache(Cache):
         # identity from being reused while the memo is alive.
         self._cache_positions_memo: tuple | None = None
         self._rotation_memo: tuple | None = None
+        # Set by CompiledDecode while a compiled one-token step runs: the layers then take
+        # the new token's absolute position from `next_position` instead of Python ints.
+        self.in_graph = False
+        self.next_position: torch.Tensor | None = None
+        self.next_position_synced = 0  # `seen` when next_position was last set
         shifted = positions == "shifted"
         super().__init__(layers=[self.layer_class(self, spec, lazy, shifted) for _ in range(num_layers)])
 
@@ -305,6 +335,8 @@ class CompressedCache(Cache):
         """cos, sin [1, length, head_dim] for positions kept..kept+length-1 (shifted mode's query),
         the same tensors for every layer of a forward."""
         table = self.rope_table(kept + length, like)
+        if self.in_graph:  # a compiled graph computes this once for all layers anyway
+            return table[0][kept:].unsqueeze(0), table[1][kept:].unsqueeze(0)
         memo = self._cache_positions_memo
         if memo is None or memo[0] is not self._rope_cache[0] or memo[1:3] != (kept, length):
             rope = (table[0][kept:].unsqueeze(0), table[1][kept:].unsqueeze(0))
@@ -314,17 +346,11 @@ class CompressedCache(Cache):
     def scaled_rotation(self, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
         """[batch, dim, dim] M with query @ M == apply_rotary(query, cos, sin) * scaling for one
         query token per sequence (cos, sin [batch, 1, dim]); built once per forward, not per layer."""
+        if self.in_graph:  # a compiled graph computes this once for all layers anyway
+            return _scaled_rotation(cos, sin, scaling)
         memo = self._rotation_memo
         if memo is None or memo[0] is not cos or memo[1] is not sin or memo[2] != scaling:
-            dim = cos.shape[-1]
-            half = dim // 2
-            # rotate_half(x) == x @ turn: column j < half takes -x[j + half], j >= half takes x[j - half].
-            turn = torch.zeros(dim, dim, dtype=cos.dtype, device=cos.device)
-            index = torch.arange(half, device=cos.device)
-            turn[index + half, index] = -1
-            turn[index, index + half] = 1
-            rotation = (torch.diag_embed(cos[:, 0]) + turn * sin[:, 0].unsqueeze(1)) * scaling
-            memo = self._rotation_memo = (cos, sin, scaling, rotation)
+            memo = self._rotation_memo = (cos, sin, scaling, _scaled_rotation(cos, sin, scaling))
         return memo[3]
 
     @property

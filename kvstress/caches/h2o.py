@@ -48,13 +48,14 @@ class H2OLayer(FixedCapacityLayer):
         # New tokens start from nothing, except sinks, which start (and stay) at +inf so
         # that eviction only has to protect the recent window.
         self._view("scores", start, total).zero_()
-        new_sinks = min(max(self.sink - (self.seen - (total - start)), 0), total - start)
+        # A compiled decode step only runs once the sinks are in (see CompiledDecode).
+        new_sinks = 0 if self.owner.in_graph else min(max(self.sink - (self.seen - (total - start)), 0), total - start)
         if new_sinks:
             self._view("scores", start, start + new_sinks).fill_(float("inf"))
         self._view("scores", 0, total).add_(mass)
 
     def eviction_priority(self, total: int) -> torch.Tensor:
-        recent = self._view("positions", 0, total) >= self.seen - self.window
+        recent = self._view("positions", 0, total) >= self.seen_after_update() - self.window
         return self._view("scores", 0, total).masked_fill(recent, float("inf"))
 
 
