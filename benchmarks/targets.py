@@ -11,6 +11,7 @@ checkpoint), then prints each target with its measured value:
   5. H2O TTFT at 32k ≤ 1.2 × the full cache's; prefill memory bounded (H2O peak at 32k ≈ at 8k)
 
     python benchmarks/targets.py                                  # GPU: random:llama-2-7b, bf16
+    python benchmarks/targets.py --compile                        # decode steps compiled (CUDA graphs)
     python benchmarks/targets.py --device cpu --model random:smollm2-135m --lengths 2k,8k,16k
 
 Results go to a kvstress results file (--out) as well; the table is printed at the end.
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=34)
     parser.add_argument("--dataset", default="shakespeare")
+    parser.add_argument("--compile", action="store_true", help="compressed caches' decode step compiled (kvstress sweep --compile)")
     parser.add_argument("--out", type=Path, default=Path("targets.json"))
     args = parser.parse_args()
 
@@ -63,7 +65,7 @@ def main() -> None:
     config = RunConfig(
         methods=(parse_spec("baseline"), parse_spec(streaming), parse_spec(h2o)),
         lengths=parse_lengths(args.lengths), model=args.model, dataset=args.dataset, chunk=args.chunk,
-        decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, out=args.out,
+        decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, compile=args.compile, out=args.out,
     )
     _, tokens = load_run_text(config)
     loaded = load_run_model(config)
@@ -111,7 +113,8 @@ def main() -> None:
     rows.append((f"5. H2O / full TTFT at {long}", ratio(ttft[h2o], ttft["baseline"]), "≤ 1.20"))
     rows.append((f"5. H2O peak memory {long} / {lengths[0]}", ratio(memory(h2o, long), memory(h2o, lengths[0])), "≈ 1.00"))
 
-    print(f"\n{loaded.name} on {device} ({environment(device).get('device_name')}), capacity {capacity}")
+    compiled = ", compressed decode compiled" if args.compile else ", eager"
+    print(f"\n{loaded.name} on {device} ({environment(device).get('device_name')}), capacity {capacity}{compiled}")
     print(f"{'target':<58}{'measured':>10}  goal")
     for name, value, goal in rows:
         shown = "–" if value is None else f"{value:.3f}"

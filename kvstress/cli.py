@@ -99,6 +99,7 @@ def sweep(
     force: bool = typer.Option(False, "--force", help="Overwrite the results file if it exists."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep in --out; finished points are kept, not redone."),
     isolate: bool = typer.Option(False, "--isolate", help="Run each method in a child process, so a hard crash is recorded and the sweep goes on."),
+    compile: bool = typer.Option(False, "--compile", help="Compile the compressed caches' decode step (torch.compile; one CUDA graph per step on GPU). The full cache stays eager: it grows every step."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Stream ever-longer text through each cache; record memory, TTFT, TPOT and perplexity per length."""
@@ -118,6 +119,7 @@ def sweep(
             positions=positions,
             lazy=lazy,
             max_memory=_size(max_memory),
+            compile=compile,
             out=out,
         )
         _run_sweep(config, force=force, resume=resume, isolate=isolate)

@@ -79,6 +79,7 @@ class RunConfig:
     positions: str = "original"
     lazy: int = 0
     max_memory: int | None = None
+    compile: bool = False
     seed: int = 0
     out: Path = field(default=Path("results.json"))
 
@@ -97,6 +98,8 @@ class RunConfig:
             raise ConfigError(f"--positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
         if self.lazy < 0:
             raise ConfigError(f"--lazy must be 0 or more tokens, got {self.lazy}")
+        if self.compile and self.lazy:
+            raise ConfigError("--compile needs --lazy 0: lazy eviction changes the cache's shape every step")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError("--max-memory must be a positive size such as 2GB")
         if any(length <= 0 for length in self.lengths) or list(self.lengths) != sorted(set(self.lengths)):

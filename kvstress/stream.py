@@ -34,6 +34,7 @@ from .caches import cache_bytes, cached_tokens, make_run_cache
 from .caches.hooks import attention_modules
 from .config import RunConfig
 from .memory import MemoryBudget, MemorySampler
+from .caches.compiled import CompiledDecode
 from .results import RECORD_FIELDS
 from .spec import MethodSpec
 
@@ -41,6 +42,9 @@ ProgressCallback = Callable[[str, int], None]  # (method name, tokens just proce
 
 # Tokens of the warm-up stream run before each method is measured.
 _WARMUP_TOKENS = 64
+# Decode steps a compiled step needs before it is measured: compilation, then on CUDA
+# a warm-up run and the graph recording.
+_COMPILED_WARMUP_STEPS = 3
 
 
 def cache_argument(model) -> str:
@@ -189,23 +193,30 @@ class SweepRunner:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             self.budget = MemoryBudget(config.max_memory, base_bytes=weights)
         self.cache_argument = cache_argument(model)
+        self.compiled_decode = CompiledDecode(model, self.cache_argument) if config.compile else None
         self._started = time.perf_counter()
 
     # -- one forward ---------------------------------------------------------------
 
-    def _forward(self, stream: _Stream, start: int, end: int, phase: str) -> float:
-        """Feed tokens [start, end) and return the forward's wall time in seconds."""
+    def _forward(self, stream: _Stream, start: int, end: int, phase: str, *, compiled: bool = False) -> float:
+        """Feed tokens [start, end) and return the forward's wall time in seconds.
+
+        compiled: a decode step through `--compile`'s compiled step (eager where it does not apply)."""
         ids = self.tokens[:, start:end]
         keep = 0 if self.score else 1  # all logits only when they are scored (see DESIGN: logits_to_keep)
         synchronize(self.device)
         began = time.perf_counter()
         with torch.no_grad():
-            output = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{self.cache_argument: stream.cache})
+            if compiled and self.compiled_decode is not None:
+                logits = self.compiled_decode(stream.cache, ids)
+            else:
+                logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep,
+                                    **{self.cache_argument: stream.cache}).logits
         synchronize(self.device)
         elapsed = time.perf_counter() - began
         if self.score:
-            self._accumulate_nll(stream, output.logits, start, end)
-        del output
+            self._accumulate_nll(stream, logits, start, end)
+        del logits
         stream.position = end
         stream.forwards += 1
         stream.build_s += elapsed
@@ -234,14 +245,39 @@ class SweepRunner:
     def _new_cache(self, spec: MethodSpec):
         return make_run_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy)
 
-    def _warm_up(self, spec: MethodSpec) -> None:
-        """A short throwaway stream so the first measured forward pays no one-off start-up costs."""
+    def _start_stream(self, spec: MethodSpec) -> _Stream:
+        """A new stream, after a short warm-up so the first measured forward pays no one-off start-up costs."""
         cache = self._new_cache(spec)
+        if self.compiled_decode is not None and spec.is_compressed:
+            # Warm up (compile, record CUDA graphs) on the stream's own cache, then empty it:
+            # its buffers keep the shapes and addresses the compiled step was made for.
+            self._warm_up_compiled(cache)
+            cache.reset()
+        else:
+            self._warm_up(self._new_cache(spec))
+        return _Stream(spec, cache)
+
+    def _warm_up(self, cache) -> None:
         ids = self.tokens[:, : _WARMUP_TOKENS + 2]
         with torch.no_grad():
             self.model(input_ids=ids[:, :_WARMUP_TOKENS], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
             for t in range(_WARMUP_TOKENS, _WARMUP_TOKENS + 2):
                 self.model(input_ids=ids[:, t : t + 1], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
+        synchronize(self.device)
+
+    def _warm_up_compiled(self, cache) -> None:
+        """Fill the cache in prefill-sized chunks until decode steps compile, then run a few."""
+        available = self.tokens.shape[1] - _COMPILED_WARMUP_STEPS
+        position = 0
+        with torch.no_grad():
+            while not CompiledDecode.compiles(cache, self.tokens[:, :1]) and position < available:
+                end = min(position + self.config.chunk, available)
+                self.model(input_ids=self.tokens[:, position:end], use_cache=True, logits_to_keep=1,
+                           **{self.cache_argument: cache})
+                position = end
+            for _ in range(_COMPILED_WARMUP_STEPS):
+                self.compiled_decode(cache, self.tokens[:, position : position + 1])
+                position += 1
         synchronize(self.device)
 
     def _checkpoint(self, stream: _Stream, length: int) -> dict | None:
@@ -261,12 +297,13 @@ class SweepRunner:
         for step in range(config.decode_steps):
             start = stream.position
             if step == config.decode_steps - 1:
-                with AttentionTimer(self.model, self.device) as timer:
+                with AttentionTimer(self.model, self.device) as timer:  # eager: it times inside the model
                     self._forward(stream, start, start + 1, "decode")
                 attn_s = timer.total_s
             else:
                 build_before = stream.build_s
-                elapsed = self._forward(stream, start, start + 1, "decode")
+                # The first token (TTFT) is the prompt's; the compiled step times the ones after.
+                elapsed = self._forward(stream, start, start + 1, "decode", compiled=step > 0)
                 if step == 0:
                     ttft_s = build_before + elapsed
                 else:
@@ -306,9 +343,8 @@ class SweepRunner:
         stream, records, failure, heading_for = None, [], None, lengths[0]
         try:
             # Inside the try: a warm-up that runs out of memory is a result like any other.
-            self._warm_up(spec)
+            stream = self._start_stream(spec)
             self.sampler.reset_peak()
-            stream = _Stream(spec, self._new_cache(spec))
             for length in lengths:
                 heading_for = length
                 record = self._checkpoint(stream, length)

@@ -1,0 +1,114 @@
+"""`--compile`: a compressed cache's steady-state decode step as one compiled graph.
+
+Compiling costs tens of seconds even for a tiny model on CPU, so these tests compile
+few graphs and check much with each: same logits and kept tokens as the eager step,
+one graph for the whole run (a recompile per step would make CUDA graphs useless),
+eager forwards in between, and the sweep's `--compile` end to end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from kvstress import make_cache
+from kvstress.caches.compiled import CompiledDecode
+from kvstress.cli import app
+from kvstress.stream import cache_argument
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked attention, so H2O's choices depend on the scores (as in test_caches)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    return model
+
+
+@pytest.mark.parametrize("spec, positions", [("h2o_2_6_24", "original"), ("streaming_4_24", "shifted")])
+def test_compiled_decode_matches_eager_with_one_graph(model, spec, positions):
+    argument = cache_argument(model)
+    ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(4))
+    compiled_cache = make_cache(spec, model, positions=positions)
+    eager_cache = make_cache(spec, model, positions=positions)
+    decode = CompiledDecode(model, argument)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def eager(cache, start, end):
+        return model(input_ids=ids[:, start:end], use_cache=True, logits_to_keep=1, **{argument: cache}).logits
+
+    with torch.no_grad():
+        for cache in (compiled_cache, eager_cache):
+            eager(cache, 0, 40)
+        assert decode.compiles(compiled_cache, ids[:, :1])
+        for position in range(40, 120):
+            if position == 80:  # an eager chunk in the middle: the compiled step picks up after it
+                for cache in (compiled_cache, eager_cache):
+                    eager(cache, 80, 96)
+            if 80 <= position < 96:
+                continue
+            compiled_logits = decode(compiled_cache, ids[:, position : position + 1])
+            torch.testing.assert_close(compiled_logits, eager(eager_cache, position, position + 1), rtol=1e-5, atol=1e-5)
+    for layer in range(2):
+        assert torch.equal(compiled_cache.kept_positions(layer), eager_cache.kept_positions(layer))
+    assert compiled_cache.layers[0].seen == eager_cache.layers[0].seen == 120
+
+    # The sweep warms up on the stream's own cache, then resets it: afterwards it must
+    # behave as a new cache, through the same graph.
+    compiled_cache.reset()
+    fresh = make_cache(spec, model, positions=positions)
+    with torch.no_grad():
+        for cache in (compiled_cache, fresh):
+            eager(cache, 100, 140)
+        for position in range(140, 160):
+            compiled_logits = decode(compiled_cache, ids[:, position : position + 1])
+            torch.testing.assert_close(compiled_logits, eager(fresh, position, position + 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled_cache.kept_positions(1), fresh.kept_positions(1))
+    assert counters["stats"]["unique_graphs"] == 1, "the decode step recompiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_decode_leaves_other_forwards_eager(model):
+    cache = make_cache("h2o_2_6_24", model)
+    ids = torch.zeros(1, 30, dtype=torch.long)
+    assert not CompiledDecode.compiles(cache, ids[:, :1])  # not filled yet
+    assert not CompiledDecode.compiles(make_cache("baseline", model), ids[:, :1])
+    assert not CompiledDecode.compiles(make_cache("h2o_2_6_24", model, lazy=4), ids[:, :1])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_argument(model): cache})
+    assert CompiledDecode.compiles(cache, ids[:, :1])
+    assert not CompiledDecode.compiles(cache, ids[:, :2])  # a chunk
+
+
+def test_sweep_with_compile(tmp_path):
+    text = tmp_path / "book.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 300, encoding="utf-8")
+    out = tmp_path / "r.json"
+    args = ["sweep", "--model", "tiny-random", "--dataset", str(text), "--lengths", "192,384", "--chunk", "64",
+            "--decode-steps", "5", "--capacity", "48", "-m", "baseline", "-m", "h2o", "--compile", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["config"]["compile"] is True
+    records = {(r["method"], r["length"]): r for r in doc["records"]}
+    assert set(records) == {(m, n) for m in ("baseline", "h2o_4_6_48") for n in (192, 384)}
+    assert all(r["status"] == "ok" and r["tpot_ms_median"] > 0 for r in records.values())
+    assert records["h2o_4_6_48", 384]["cache_tokens"] == 48
+
+
+def test_compile_refuses_lazy_eviction(tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--model", "tiny-random", "--compile", "--lazy", "8",
+                                      "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    assert "--compile needs --lazy 0" in result.stderr
