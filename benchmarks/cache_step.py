@@ -1,12 +1,13 @@
 """What one decode step costs inside the cache, without the model around it.
 
-For one attention layer of a given shape, times the cache's own work per decode
-step — write the new token, (H2O) score it, evict — for StreamingLLM and H2O at a
-fixed capacity, against the full cache's `torch.cat` growth at the same context.
-The model's projections, MLP and attention are left out, so this isolates what the
-policies add. Ratios are measured in one run.
+For `--layers` attention layers of a given shape, times the cache's own work per
+decode step — write the new token in every layer, (H2O) score it, evict — for
+StreamingLLM and H2O at a fixed capacity, against the full cache's `torch.cat` growth
+at the same context. The model's projections, MLP and attention are left out, so this
+isolates what the policies add. Ratios are measured in one run.
 
-    python benchmarks/cache_step.py                              # CPU, Llama-2-7B layer shape
+    python benchmarks/cache_step.py                              # CPU, one Llama-2-7B layer
+    python benchmarks/cache_step.py --heads 9 --kv-heads 3 --head-dim 64 --layers 30   # SmolLM2-135M
     python benchmarks/cache_step.py --device cuda --dtype bfloat16
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=1, help="layers per step (the compressed caches batch their eviction over them)")
     parser.add_argument("--capacity", type=int, default=256)
     parser.add_argument("--context", type=int, default=8192, help="tokens already seen when timing starts")
     parser.add_argument("--steps", type=int, default=200)
@@ -62,31 +64,38 @@ def main() -> None:
     new_value = torch.randn(shape, device=device, dtype=dtype)
 
     def compressed(cache_class, spec):
-        cache = cache_class(parse_spec(spec), num_layers=1, rotary_embedding=None)
-        layer = cache.layers[0]
-        layer.scaling = args.head_dim**-0.5
+        cache = cache_class(parse_spec(spec), num_layers=args.layers, rotary_embedding=None)
+        for layer in cache.layers:
+            layer.scaling = args.head_dim**-0.5
 
         def step():
-            layer.query, layer.rope = query, rope
-            layer.update(new_key, new_value)
-            layer.after_attention()
+            for layer in cache.layers:
+                layer.query, layer.rope = query, rope
+                layer.update(new_key, new_value)
+                layer.after_attention()
 
         # Fill to the context length in large chunks (not timed).
         chunk = 1024
         for start in range(0, args.context, chunk):
             n = min(chunk, args.context - start)
-            layer.query = torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype)
-            layer.rope = (rope[0].expand(1, n, -1), rope[1].expand(1, n, -1))
-            layer.update(torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype),
-                         torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype))
-            layer.after_attention()
+            for layer in cache.layers:
+                layer.query = torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype)
+                layer.rope = (rope[0].expand(1, n, -1), rope[1].expand(1, n, -1))
+                layer.update(torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype),
+                             torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype))
+                layer.after_attention()
         return step
 
     def full():
         cache = DynamicCache()
-        cache.update(torch.randn(1, args.kv_heads, args.context, args.head_dim, device=device, dtype=dtype),
-                     torch.randn(1, args.kv_heads, args.context, args.head_dim, device=device, dtype=dtype), 0)
-        return lambda: cache.update(new_key, new_value, 0)
+        for index in range(args.layers):
+            cache.update(torch.randn(1, args.kv_heads, args.context, args.head_dim, device=device, dtype=dtype),
+                         torch.randn(1, args.kv_heads, args.context, args.head_dim, device=device, dtype=dtype), index)
+
+        def step():
+            for index in range(args.layers):
+                cache.update(new_key, new_value, index)
+        return step
 
     capacity = args.capacity
     cases = {
@@ -96,7 +105,7 @@ def main() -> None:
     }
     results = {name: statistics.median(time_steps(step, device, 20, args.steps)) for name, step in cases.items()}
     base = results["baseline (torch.cat)"]
-    print(f"one layer, {args.kv_heads} KV heads × {args.head_dim}, {args.dtype} on {args.device}, "
+    print(f"{args.layers} layers, {args.kv_heads} KV heads × {args.head_dim}, {args.dtype} on {args.device}, "
           f"context {args.context}, capacity {capacity}, median of {args.steps} steps")
     print(f"{'cache':<24}{'µs/step':>10}{'× baseline':>12}")
     for name, value in results.items():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 6's targets on one GPU, eager and with --compile, in one go (about 10 minutes on
-# an H100). Prints each script's table; results land in gpu-results/.
+# Issue 6's targets on one GPU, eager and with --compile, in one go. Not yet run: expect
+# 15-20 minutes on an H100 (each --compile run spends 1-2 minutes compiling). Prints each
+# script's table; the targets' results files land in gpu-results/.
 #
 #   bash benchmarks/gpu_targets.sh              # from the repository root, CUDA torch installed
 #

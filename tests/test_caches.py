@@ -224,9 +224,9 @@ def test_batched_h2o_keeps_per_sequence_what_it_keeps_alone(model):
 
 @pytest.mark.parametrize("batch, rows", [(1, 1), (3, 1), (3, 3)], ids=["batch1", "shared-positions", "own-positions"])
 def test_decode_scoring_matches_the_chunk_scoring_it_shortcuts(model, batch, rows):
-    """A decode step folds RoPE and the softmax scale into one matrix shared by all layers
-    and scores with bmm; it must give what the general (prefill) path gives."""
-    from kvstress.caches.base import apply_rotary
+    """A decode step folds RoPE and the softmax scale into one matrix and scores all layers'
+    queries with bmm; it must give what the general (prefill) path gives."""
+    from kvstress.caches.base import _scaled_rotation, apply_rotary
     from kvstress.caches.h2o import attention_mass, decode_attention_mass
 
     generator = torch.Generator().manual_seed(3)
@@ -236,11 +236,12 @@ def test_decode_scoring_matches_the_chunk_scoring_it_shortcuts(model, batch, row
     positions = torch.randint(0, 5000, (rows, 1), generator=generator)
     rotary = LlamaRotaryEmbedding(LlamaConfig(head_dim=dim, hidden_size=dim * heads, num_attention_heads=heads))
     cos, sin = rotary(query, positions)
-    cache = make_cache("h2o_2_6_24", model)
 
-    rotation = cache.scaled_rotation(cos, sin, scaling)
-    assert cache.scaled_rotation(cos, sin, scaling) is rotation  # built once per forward
-    rotated = torch.matmul(query.reshape(rows, batch * heads // rows, dim), rotation).view(batch, heads, 1, dim)
+    layers = 3  # the same query in every layer: all must come out alike
+    stacked = query.view(1, batch, heads, dim).expand(layers, -1, -1, -1)
+    rotated = torch.matmul(stacked, _scaled_rotation(cos, sin, scaling).unsqueeze(0))
+    assert torch.equal(rotated[0], rotated[-1])
+    rotated = rotated[0].view(batch, heads, 1, dim)
     expected_query = apply_rotary(query, cos.unsqueeze(1), sin.unsqueeze(1))
     torch.testing.assert_close(rotated, expected_query * scaling, rtol=0, atol=1e-6)
 

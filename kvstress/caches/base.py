@@ -1,17 +1,27 @@
 """The fixed-capacity cache that StreamingLLM and H2O share.
 
-Every compressed policy is a `FixedCapacityLayer` per attention layer inside one
-`CompressedCache`. A layer allocates its buffers once and never concatenates:
+A `CompressedCache` keeps every layer's tokens in buffers stacked over the layers,
+allocated once and never concatenated:
+
+    keys, values   [layers, batch, kv_heads, slots, head_dim]
+    positions      [layers, batch, kv_heads, slots]   each slot's absolute position
+    policy state   e.g. H2O's scores [layers, batch, kv_heads, slots]
+
+and gives transformers one `FixedCapacityLayer` per attention layer, a view of its
+layer's slots:
 
     slots  [0, n)            tokens kept from earlier forwards (n <= capacity + lazy)
     slots  [n, n + q)        the q tokens of the current forward, written in place
 
-Attention sees all n + q slots. Right after the attention module returns (a forward
-hook, see `hooks.py`), the layer evicts back to capacity if it ran over: the policy
-ranks the slots with `eviction_priority()` (lowest goes first), and the survivors of
-the tail [capacity, n + q) are copied into the holes the victims left below
-`capacity`. With keys rotated before they are cached, attention does not care about
-slot order, so nothing else moves.
+Attention sees all n + q slots. Every layer sees the same tokens, so n, the count of
+tokens seen and when to evict belong to the cache, not to a layer. Right after the last
+layer's attention (a forward hook, see `hooks.py`) the cache evicts back to capacity in
+every layer at once if the forward ran over: the policy ranks each (layer, sequence,
+head)'s slots with `eviction_priority()` (lowest goes first), and the survivors of the
+tail [capacity, n + q) are copied into the holes the victims left below `capacity`.
+One set of small ops per forward, not one per layer: on CPU each op costs microseconds
+of dispatch, on GPU a kernel launch, and a decode step is made of little else. With
+keys rotated before they are cached, attention does not care about slot order.
 
 Positions (`positions="original"` or `"shifted"`):
   original  keys keep their absolute RoPE positions (the H2O paper); `get_seq_length`
@@ -45,7 +55,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class FixedCapacityLayer(CacheLayerMixin):
-    """One attention layer's fixed-capacity cache; subclasses only say what to evict."""
+    """One attention layer's view of a `CompressedCache`; what to evict is the cache's call."""
 
     is_compileable = False
     is_sliding = False
@@ -53,68 +63,44 @@ class FixedCapacityLayer(CacheLayerMixin):
     supports_early_init = False
     wants_query = False  # whether the hooks should hand this layer the query
 
-    def __init__(self, owner: "CompressedCache", spec, lazy: int, shifted: bool):
+    def __init__(self, owner: "CompressedCache", layer_idx: int):
         super().__init__()
         self.owner = owner
-        self.capacity = spec.capacity
-        self.sink = spec.sink
-        self.lazy = lazy
-        self.shifted = shifted
-        self.kept = 0  # n: slots holding tokens from earlier forwards
-        self.seen = 0  # tokens ever written, i.e. the next token's absolute position
-        self.positions: torch.Tensor | None = None  # [batch, kv_heads, slots] absolute positions
-        # Slices of the buffers by slot range, made once: a decode step touches the same few
+        self.layer_idx = layer_idx
+        self.shifted = owner.shifted
+        # This layer's slice of the cache's buffers ([batch, kv_heads, slots(, head_dim)]),
+        # set when the cache allocates them.
+        self.positions: torch.Tensor | None = None
+        # Slices of those by slot range, made once: a decode step touches the same few
         # ranges every time, and on CPU making a view costs as much as a small kernel.
         self._views: dict[tuple[str, int, int], torch.Tensor] = {}
-        self._pending_total: int | None = None  # n + q while a forward is between update and eviction
         # Filled by the attention hooks for the current forward (see hooks.py).
         self.query: torch.Tensor | None = None  # [batch, heads, q, head_dim], before RoPE
         self.raw_keys: torch.Tensor | None = None  # [batch, kv_heads, q, head_dim], before RoPE
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin used for this forward's tokens
         self.scaling: float | None = None
 
-    # -- buffers -----------------------------------------------------------------
+    @property
+    def kept(self) -> int:
+        return self.owner.kept
 
     @property
-    def slots(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+    def seen(self) -> int:
+        return self.owner.seen
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.batch_size, self.num_heads = key_states.shape[:2]
-        self._allocate(self.capacity + self.lazy + key_states.shape[2], key_states, value_states)
+    @property
+    def capacity(self) -> int:
+        return self.owner.capacity
+
+    def _attach(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Take this layer's slices of the cache's (re)allocated buffers."""
+        for name, buffer in buffers.items():
+            setattr(self, name, buffer[self.layer_idx])
+        self._views.clear()
         self.is_initialized = True
 
-    def _allocate(self, slots: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
-        """(Re)allocate every per-slot buffer with `slots` slots, keeping what is held.
-
-        Called once with room for capacity + lazy buffer + the first chunk, and again
-        only when a later chunk is larger than any before it.
-        """
-        batch, heads = key_like.shape[:2]
-        old = self._buffers()
-        self.keys = key_like.new_zeros(batch, heads, slots, key_like.shape[-1])
-        self.values = value_like.new_zeros(batch, heads, slots, value_like.shape[-1])
-        self.positions = torch.full((batch, heads, slots), -1, dtype=torch.long, device=key_like.device)
-        self._allocate_policy_buffers(batch, heads, slots, key_like.device)
-        self._views.clear()
-        for buffer in self._buffers():
-            # Fixed addresses let a compiled decode step update them in place inside a CUDA graph.
-            torch._dynamo.mark_static_address(buffer)
-        for new, previous in zip(self._buffers(), old):
-            new[:, :, : self.kept].copy_(previous[:, :, : self.kept])
-
-    def _allocate_policy_buffers(self, batch: int, heads: int, slots: int, device: torch.device) -> None:
-        """Per-slot state a policy needs besides keys, values and positions."""
-
-    # Every tensor indexed by slot on dim 2; compaction moves them together.
-    buffer_names: tuple[str, ...] = ("keys", "values", "positions")
-
-    def _buffers(self) -> list[torch.Tensor]:
-        return [t for t in (getattr(self, name) for name in self.buffer_names) if t is not None]
-
     def _view(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """`buffer[:, :, start:stop]` for the buffer called `name`, made once per range."""
+        """This layer's `buffer[:, :, start:stop]` for the buffer called `name`, made once per range."""
         if self.owner.in_graph:  # a compiled graph slices for free; the buffers are its inputs, not views
             return getattr(self, name)[:, :, start:stop]
         key = (name, start, stop)
@@ -125,25 +111,18 @@ class FixedCapacityLayer(CacheLayerMixin):
             view = self._views[key] = getattr(self, name)[:, :, start:stop]
         return view
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._buffers())
-
     # -- the transformers layer interface ---------------------------------------
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self._pending_total is not None:
-            raise RuntimeError(
-                "kvstress cache was updated twice without its eviction hook running: build it with "
-                "make_cache(spec, model) for the model that runs it"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        incoming = key_states.shape[2]
-        start, total = self.kept, self.kept + incoming
-        if total > self.slots:
-            self._allocate(total, key_states, value_states)
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a compressed cache allocates its buffers for all layers at the first layer's update")
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        owner = self.owner
+        if self.layer_idx == 0:
+            owner.begin_forward(key_states, value_states)
+        elif owner.pending_total is None:
+            raise RuntimeError("kvstress cache: layer 0 must be updated first in each forward")
+        start, total = owner.kept, owner.pending_total
         stored_keys = key_states
         if self.shifted:
             if self.raw_keys is None:
@@ -151,19 +130,6 @@ class FixedCapacityLayer(CacheLayerMixin):
             stored_keys = self.raw_keys
         self._view("keys", start, total).copy_(stored_keys)
         self._view("values", start, total).copy_(value_states)
-        new_positions = self._view("positions", start, total)
-        if self.owner.in_graph:
-            # A compiled decode step reads the position from a tensor, so the graph does not
-            # depend on it; CompiledDecode moves the Python counters on after the step.
-            new_positions.copy_(self.owner.next_position)
-        else:
-            if incoming == 1:
-                new_positions.fill_(self.seen)
-            else:
-                new_positions.copy_(torch.arange(self.seen, self.seen + incoming, device=self.device))
-            self.seen += incoming
-        self._pending_total = total
-
         keys = self._view("keys", 0, total)
         if self.shifted:
             keys = self._rotate_by_rank(keys, self._view("positions", 0, total))
@@ -174,10 +140,6 @@ class FixedCapacityLayer(CacheLayerMixin):
         # The mask works in slot space: query i of this forward sits at slot kept + i.
         return self.kept + query_length, 0
 
-    def seen_after_update(self) -> int | torch.Tensor:
-        """Tokens seen including this forward's: a tensor inside a compiled decode step."""
-        return self.owner.next_position + 1 if self.owner.in_graph else self.seen
-
     def get_seq_length(self) -> int:
         # What the model adds to arange(q) to position new tokens when the caller gives no
         # position_ids: absolute positions, or positions inside the cache.
@@ -187,14 +149,10 @@ class FixedCapacityLayer(CacheLayerMixin):
         return -1  # streams without limit; capacity bounds what is held, not what is seen
 
     def reset(self) -> None:
-        for buffer in self._buffers():
-            buffer.zero_()
-        if self.positions is not None:
-            self.positions.fill_(-1)
-        self.kept = self.seen = 0
-        self._pending_total = None
+        if self.layer_idx == 0:
+            self.owner.reset_buffers()
 
-    # -- eviction -----------------------------------------------------------------
+    # -- per-layer work ------------------------------------------------------------
 
     def _rotate_by_rank(self, raw_keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         rank = positions.argsort(dim=-1).argsort(dim=-1)
@@ -202,66 +160,13 @@ class FixedCapacityLayer(CacheLayerMixin):
         return apply_rotary(raw_keys, cos[rank], sin[rank])
 
     def observe_attention(self, keys: torch.Tensor, start: int, total: int) -> None:
-        """Called with the keys attention will see; H2O accumulates its scores here."""
-
-    def eviction_priority(self, total: int) -> torch.Tensor:
-        """[batch, kv_heads, total]: the lowest `total - capacity` slots are evicted."""
-        raise NotImplementedError
+        """Called with the keys attention will see; H2O scores here."""
 
     def after_attention(self) -> None:
-        """Evict back to capacity once the attention module has used the slots."""
-        total = self._pending_total
-        if total is None:
-            return
-        self._pending_total = None
+        """The attention module has used the slots; after the last layer the cache evicts."""
+        if self.layer_idx == self.owner.num_layers - 1:
+            self.owner.end_forward()
         self.query = self.raw_keys = self.rope = None
-        if total <= self.capacity + self.lazy:
-            self.kept = total
-            return
-        excess = total - self.capacity
-        priority = self.eviction_priority(total)
-        if excess == 1:
-            victims = priority.argmin(dim=-1, keepdim=True)
-        else:
-            victims = priority.topk(excess, dim=-1, largest=False, sorted=False).indices
-        self._compact(victims, total)
-        self.kept = self.capacity
-
-    def _compact(self, victims: torch.Tensor, total: int) -> None:
-        """Move the tail's survivors into the victims' slots below capacity.
-
-        Per (sequence, head), the holes below capacity and the survivors in the tail
-        [capacity, total) are equally many; both lists are sorted so pairs line up and
-        the padding (where a head has fewer moves than others) copies slot `capacity`
-        onto itself, which is discarded afterwards.
-        """
-        capacity = self.capacity
-        if victims.shape[-1] == 1:
-            # One victim (a decode step): the only tail slot moves into it, or stays if it is the victim.
-            expanded: dict[int, torch.Tensor] = {}  # keys and values usually share the head size
-            for name in self.buffer_names:
-                buffer = getattr(self, name)
-                if buffer.dim() == 3:
-                    index = victims
-                else:
-                    index = expanded.get(buffer.shape[-1])
-                    if index is None:
-                        index = expanded[buffer.shape[-1]] = _expand_index(victims, buffer)
-                buffer.scatter_(2, index, self._view(name, capacity, capacity + 1))
-            return
-        in_tail = torch.ones(victims.shape[:2] + (total,), dtype=torch.bool, device=victims.device)
-        in_tail.scatter_(2, victims, False)
-        tail_index = torch.arange(capacity, total, device=victims.device).expand(*victims.shape[:2], -1)
-        sentinel = torch.iinfo(torch.long).max
-        sources = torch.where(in_tail[:, :, capacity:], tail_index, sentinel).sort(dim=-1).values
-        destinations = torch.where(victims < capacity, victims, sentinel).sort(dim=-1).values
-        sources = sources.masked_fill(sources == sentinel, capacity)
-        destinations = destinations.masked_fill(destinations == sentinel, capacity)
-        for buffer in self._buffers():
-            moved = buffer.gather(2, _expand_index(sources, buffer))
-            buffer.scatter_(2, _expand_index(destinations, buffer), moved)
-
-    # -- diagnostics --------------------------------------------------------------
 
     def kept_positions(self) -> torch.Tensor:
         """[batch, kv_heads, kept] absolute positions held, ascending."""
@@ -278,6 +183,8 @@ def _expand_index(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_rotation(cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[batch, dim, dim] M with query @ M == apply_rotary(query, cos, sin) * scaling for one
+    query token per sequence (cos, sin [batch, 1, dim])."""
     dim = cos.shape[-1]
     half = dim // 2
     # rotate_half(x) == x @ turn: column j < half takes -x[j + half], j >= half takes x[j - half].
@@ -289,9 +196,15 @@ def _scaled_rotation(cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> to
 
 
 class CompressedCache(Cache):
-    """A transformers `Cache` of fixed-capacity layers, linked to the model it serves."""
+    """A transformers `Cache` of fixed-capacity layers, linked to the model it serves.
+
+    Subclasses say what to evict (`eviction_priority`) and may keep per-slot state of
+    their own (`buffer_names`, `_allocate_policy_buffers`, `_score_forward`).
+    """
 
     layer_class: type[FixedCapacityLayer] = FixedCapacityLayer
+    # Every buffer indexed by slot on its dim 3 (after layers, batch, heads); compaction moves them together.
+    buffer_names: tuple[str, ...] = ("keys", "values", "positions")
 
     def __init__(self, spec, num_layers: int, rotary_embedding, *, positions: str = "original", lazy: int = 0):
         if positions not in POSITION_MODES:
@@ -301,25 +214,201 @@ class CompressedCache(Cache):
         if positions == "shifted" and rotary_embedding is None:
             raise ValueError("shifted positions need a model with rotary embeddings (a rotary_emb module)")
         self.spec = spec
+        self.capacity = spec.capacity
+        self.sink = spec.sink
         self.position_mode = positions
+        self.shifted = positions == "shifted"
         self.lazy = lazy
+        self.num_layers = num_layers
+        self.kept = 0  # n: slots holding tokens from earlier forwards, in every layer
+        self.seen = 0  # tokens ever written, i.e. the next token's absolute position
+        self.pending_total: int | None = None  # n + q while a forward is between its first update and eviction
+        self.buffers: dict[str, torch.Tensor] = {}
+        # Views of the buffers made once (see FixedCapacityLayer._views), by what they show.
+        self._views: dict[tuple, torch.Tensor] = {}
         self._rotary_embedding = rotary_embedding
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        # One forward's RoPE, as every layer asks for it; holding the tensors keeps their
-        # identity from being reused while the memo is alive.
+        # Shifted mode's query RoPE, as every layer of a forward asks for it; holding the
+        # table keeps its identity from being reused while the memo is alive.
         self._cache_positions_memo: tuple | None = None
-        self._rotation_memo: tuple | None = None
-        # Set by CompiledDecode while a compiled one-token step runs: the layers then take
-        # the new token's absolute position from `next_position` instead of Python ints.
+        # Set by CompiledDecode while a compiled one-token step runs: the new token's
+        # absolute position then comes from `next_position` instead of Python ints.
         self.in_graph = False
         self.next_position: torch.Tensor | None = None
         self.next_position_synced = 0  # `seen` when next_position was last set
-        shifted = positions == "shifted"
-        super().__init__(layers=[self.layer_class(self, spec, lazy, shifted) for _ in range(num_layers)])
+        super().__init__(layers=[self.layer_class(self, index) for index in range(num_layers)])
+
+    # -- buffers -------------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return self.buffers["keys"].shape[3] if self.buffers else 0
+
+    def _allocate(self, slots: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        """(Re)allocate every buffer with `slots` slots per layer, keeping what is held.
+
+        Called once with room for capacity + lazy buffer + the first chunk, and again
+        only when a later chunk is larger than any before it.
+        """
+        batch, heads = key_like.shape[:2]
+        shape = (self.num_layers, batch, heads, slots)
+        old = self.buffers
+        self.buffers = {
+            "keys": key_like.new_zeros(*shape, key_like.shape[-1]),
+            "values": value_like.new_zeros(*shape, value_like.shape[-1]),
+            "positions": torch.full(shape, -1, dtype=torch.long, device=key_like.device),
+            **self._allocate_policy_buffers(shape, key_like),
+        }
+        for name, buffer in self.buffers.items():
+            if name in old and name in self.buffer_names:
+                buffer.narrow(3, 0, self.kept).copy_(old[name].narrow(3, 0, self.kept))
+            # Fixed addresses let a compiled decode step update them in place inside a CUDA graph.
+            torch._dynamo.mark_static_address(buffer)
+        self._views.clear()
+        for layer in self.layers:
+            layer._attach({name: self.buffers[name] for name in self.buffer_names})
+
+    def _allocate_policy_buffers(self, shape: tuple[int, ...], key_like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Buffers a policy needs besides keys, values and positions (named in buffer_names to move with them)."""
+        return {}
+
+    def _view(self, key: tuple, make) -> torch.Tensor:
+        """`make()`, a view of the buffers, made once per key (and freshly inside a compiled graph)."""
+        if self.in_graph:
+            return make()
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 256:  # ranges seen while filling up are not seen again
+                self._views.clear()
+            view = self._views[key] = make()
+        return view
+
+    def _flat(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Buffer `name` as [layers * batch, heads, slots(, head_dim)], slots start..stop: the
+        per-(sequence, head) code then runs over every layer at once."""
+        def make():
+            buffer = self.buffers[name]
+            return buffer.view(-1, *buffer.shape[2:])[:, :, start:stop]
+        return self._view(("flat", name, start, stop), make)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's buffers (keys, values and policy state)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+    def reset_buffers(self) -> None:
+        for name, buffer in self.buffers.items():
+            buffer.fill_(-1 if name == "positions" else 0)
+        self.kept = self.seen = 0
+        self.pending_total = None
+
+    # -- one forward ---------------------------------------------------------------
+
+    def begin_forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Layer 0's update: make room for the forward's tokens and record their positions in every layer."""
+        if self.pending_total is not None:
+            raise RuntimeError(
+                "kvstress cache was updated twice without its eviction hook running: build it with "
+                "make_cache(spec, model) for the model that runs it"
+            )
+        incoming = key_states.shape[2]
+        start, total = self.kept, self.kept + incoming
+        if not self.buffers:
+            self._allocate(self.capacity + self.lazy + incoming, key_states, value_states)
+        elif total > self.slots:
+            self._allocate(total, key_states, value_states)
+        new_positions = self._flat("positions", start, total)
+        if self.in_graph:
+            # A compiled decode step reads the position from a tensor, so the graph does not
+            # depend on it; CompiledDecode moves the Python counters on after the step.
+            new_positions.copy_(self.next_position.view(1, 1, 1).expand_as(new_positions))
+        elif incoming == 1:
+            new_positions.fill_(self.seen)
+        else:
+            new_positions.copy_(torch.arange(self.seen, self.seen + incoming, device=key_states.device))
+        self._start_policy_state(start, total)
+        if not self.in_graph:
+            self.seen += incoming
+        self.pending_total = total
+
+    def _start_policy_state(self, start: int, total: int) -> None:
+        """Per-slot policy state for the forward's new tokens (slots start..total-1)."""
+
+    def seen_after_update(self) -> int | torch.Tensor:
+        """Tokens seen including this forward's: a tensor inside a compiled decode step."""
+        return self.next_position + 1 if self.in_graph else self.seen
+
+    def end_forward(self) -> None:
+        """After the last layer's attention: score (policies that batch it) and evict in every layer."""
+        total = self.pending_total
+        if total is None:
+            return
+        self.pending_total = None
+        self._score_forward(total)
+        if total <= self.capacity + self.lazy:
+            self.kept = total
+            return
+        excess = total - self.capacity
+        priority = self.eviction_priority(total)
+        if excess == 1:
+            victims = priority.argmin(dim=-1, keepdim=True)
+        else:
+            victims = priority.topk(excess, dim=-1, largest=False, sorted=False).indices
+        self._compact(victims, total)
+        self.kept = self.capacity
+
+    def _score_forward(self, total: int) -> None:
+        """Work a policy does once per forward, for all layers, before eviction."""
+
+    def eviction_priority(self, total: int) -> torch.Tensor:
+        """[layers * batch, kv_heads, total]: the lowest `total - capacity` slots are evicted."""
+        raise NotImplementedError
+
+    def _compact(self, victims: torch.Tensor, total: int) -> None:
+        """Move the tail's survivors into the victims' slots below capacity.
+
+        victims [layers * batch, kv_heads, excess]. Per (layer, sequence, head), the holes
+        below capacity and the survivors in the tail [capacity, total) are equally many;
+        both lists are sorted so pairs line up and the padding (where a head has fewer
+        moves than others) copies slot `capacity` onto itself, which is discarded afterwards.
+        """
+        capacity = self.capacity
+        if victims.shape[-1] == 1:
+            # One victim (a decode step): the only tail slot moves into it, or stays if it is the victim.
+            expanded: dict[int, torch.Tensor] = {}  # keys and values usually share the head size
+            for name in self.buffer_names:
+                buffer = self._flat(name)
+                if buffer.dim() == 3:
+                    index = victims
+                else:
+                    index = expanded.get(buffer.shape[-1])
+                    if index is None:
+                        index = expanded[buffer.shape[-1]] = _expand_index(victims, buffer)
+                buffer.scatter_(2, index, self._flat(name, capacity, capacity + 1))
+            return
+        in_tail = torch.ones(victims.shape[:2] + (total,), dtype=torch.bool, device=victims.device)
+        in_tail.scatter_(2, victims, False)
+        tail_index = torch.arange(capacity, total, device=victims.device).expand(*victims.shape[:2], -1)
+        sentinel = torch.iinfo(torch.long).max
+        sources = torch.where(in_tail[:, :, capacity:], tail_index, sentinel).sort(dim=-1).values
+        destinations = torch.where(victims < capacity, victims, sentinel).sort(dim=-1).values
+        sources = sources.masked_fill(sources == sentinel, capacity)
+        destinations = destinations.masked_fill(destinations == sentinel, capacity)
+        for name in self.buffer_names:
+            buffer = self._flat(name)
+            moved = buffer.gather(2, _expand_index(sources, buffer))
+            buffer.scatter_(2, _expand_index(destinations, buffer), moved)
+
+    # -- the transformers cache interface ---------------------------------------------
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Mask rows are slot indices, whatever the RoPE positions are.
-        return self.layers[layer_idx].kept
+        return self.kept
+
+    def reset(self) -> None:
+        self.reset_buffers()
+
+    # -- RoPE ------------------------------------------------------------------------
 
     def rope_table(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, head_dim] for positions 0..length-1 from the model's own rotary module."""
@@ -343,20 +432,7 @@ class CompressedCache(Cache):
             memo = self._cache_positions_memo = (self._rope_cache[0], kept, length, rope)
         return memo[3]
 
-    def scaled_rotation(self, cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
-        """[batch, dim, dim] M with query @ M == apply_rotary(query, cos, sin) * scaling for one
-        query token per sequence (cos, sin [batch, 1, dim]); built once per forward, not per layer."""
-        if self.in_graph:  # a compiled graph computes this once for all layers anyway
-            return _scaled_rotation(cos, sin, scaling)
-        memo = self._rotation_memo
-        if memo is None or memo[0] is not cos or memo[1] is not sin or memo[2] != scaling:
-            memo = self._rotation_memo = (cos, sin, scaling, _scaled_rotation(cos, sin, scaling))
-        return memo[3]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cache's buffers (keys, values and policy state)."""
-        return sum(layer.nbytes for layer in self.layers)
+    # -- diagnostics -------------------------------------------------------------------
 
     def kept_positions(self, layer_idx: int = 0) -> torch.Tensor:
         """Absolute positions held by one layer, [batch, kv_heads, kept], ascending per row."""

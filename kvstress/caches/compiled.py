@@ -40,13 +40,12 @@ class CompiledDecode:
         """Whether this forward is a steady-state decode step the graph covers."""
         if not isinstance(cache, CompressedCache) or input_ids.shape[1] != 1 or cache.lazy:
             return False
-        layer = cache.layers[0]
-        return layer.is_initialized and layer.kept == layer.capacity and layer.seen >= layer.sink
+        return cache.slots > 0 and cache.kept == cache.capacity and cache.seen >= cache.sink
 
     def __call__(self, cache, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.compiles(cache, input_ids):
             return self._forward(input_ids, None, cache)
-        seen = cache.layers[0].seen
+        seen = cache.seen
         if cache.next_position is None:
             cache.next_position = torch.full((1,), seen, dtype=torch.long, device=input_ids.device)
             torch._dynamo.mark_static_address(cache.next_position)
@@ -55,13 +54,15 @@ class CompiledDecode:
         # Shifted mode positions the query inside the cache: the model's own arithmetic
         # (kept, a constant here) is already static.
         position_ids = None if cache.position_mode == "shifted" else cache.next_position.expand(input_ids.shape[0], 1)
+        if self.mode == "reduce-overhead":
+            # Each call is a new step: the previous step's graph outputs are no longer used.
+            torch.compiler.cudagraph_mark_step_begin()
         cache.in_graph = True
         try:
             logits = self._compiled(input_ids, position_ids, cache)
         finally:
             cache.in_graph = False
         cache.next_position.add_(1)
-        for layer in cache.layers:
-            layer.seen += 1
+        cache.seen += 1
         cache.next_position_synced = seen + 1
         return logits

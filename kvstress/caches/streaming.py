@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import CompressedCache, FixedCapacityLayer
-
-
-class StreamingLayer(FixedCapacityLayer):
-    def eviction_priority(self, total: int) -> torch.Tensor:
-        positions = self._view("positions", 0, total)
-        # Oldest first; sinks never.
-        return positions.masked_fill(positions < self.sink, torch.iinfo(torch.long).max)
+from .base import CompressedCache
 
 
 class StreamingCache(CompressedCache):
-    layer_class = StreamingLayer
+    def eviction_priority(self, total: int) -> torch.Tensor:
+        positions = self._flat("positions", 0, total)
+        # Oldest first; sinks never.
+        return positions.masked_fill(positions < self.sink, torch.iinfo(torch.long).max)
