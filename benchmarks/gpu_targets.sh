@@ -13,8 +13,8 @@ mkdir -p "$out"
 python -c "import kvstress" 2>/dev/null || pip install -q -e .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-# What the cache itself costs per decode step, one Llama-2-7B layer, without the model.
-python benchmarks/cache_step.py --device cuda --dtype bfloat16 --context 32768
+# What the cache itself costs per decode step, all 32 Llama-2-7B layers, without the model.
+python benchmarks/cache_step.py --device cuda --dtype bfloat16 --layers 32 --context 32768 --steps 50
 
 # H2O against StreamingLLM, interleaved, eager and compiled (targets 1 and 4's step).
 for context in 8192 32768; do
