@@ -16,12 +16,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # What the cache itself costs per decode step, all 32 Llama-2-7B layers, without the model.
 python benchmarks/cache_step.py --device cuda --dtype bfloat16 --layers 32 --context 32768 --steps 50
 
-# H2O against StreamingLLM, interleaved, eager and compiled (targets 1 and 4's step).
-for context in 8192 32768; do
+# H2O against StreamingLLM at 8k and 32k, and each against itself at 2k (targets 1 and 2),
+# interleaved in one run, eager and then compiled (target 4's step).
+for compile in "" "--compile"; do
     python benchmarks/interleaved_tpot.py --model random:llama-2-7b --device cuda --dtype bfloat16 \
-        --context "$context" --chunk 2048 --methods streaming_4_256,h2o_4_32_256 --rounds 6 --steps 20
-    python benchmarks/interleaved_tpot.py --model random:llama-2-7b --device cuda --dtype bfloat16 \
-        --context "$context" --chunk 2048 --methods streaming_4_256,h2o_4_32_256 --rounds 6 --steps 20 --compile
+        --context 2048,8192,32768 --chunk 2048 --methods streaming_4_256,h2o_4_32_256 --rounds 6 --steps 20 $compile
 done
 
 # Targets 1–5 as ratios from the sweep runner: eager, then the compressed caches compiled.

@@ -10,7 +10,8 @@ does it), installed once per model and inert for any other cache:
                                      the cache
   hooks on q_proj / k_proj           hand the layer the query (H2O scores) and the keys
                                      before rotation (shifted mode), at no extra matmul
-  hook after the attention module    evicts back to capacity
+  hook after the attention module    ends the layer's part of the forward; after the last
+                                     layer the cache evicts back to capacity in every layer
 
 The model's own attention (SDPA) runs unchanged.
 """
