@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -13,3 +14,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def peaked_llama():
+    """A tiny random Llama with grouped-query attention (4 query heads, 2 KV heads), float32.
+
+    Random init gives near-uniform attention, under which accumulated attention just
+    ranks tokens by age and H2O would be indistinguishable from "keep the oldest".
+    Larger query/key weights make attention peaked, as in trained models.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=8192,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    return model

@@ -1,14 +1,14 @@
 """The cache policies: exactness, what they keep, memory, generate.
 
 One table of specs runs through every generic test. The model is a tiny random Llama
-with grouped-query attention (4 query heads, 2 KV heads), in float32 on CPU.
+with grouped-query attention (`peaked_llama` in conftest.py), in float32 on CPU.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from kvstress import make_cache
@@ -30,27 +30,8 @@ COMPRESSED_IDS = [f"{spec}-{positions}" for spec, positions in COMPRESSED]
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=8192,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).eval()
-    # Random init gives near-uniform attention, under which accumulated attention just
-    # ranks tokens by age and H2O would be indistinguishable from "keep the oldest".
-    # Larger query/key weights make attention peaked, as in trained models.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    return model
+def model(peaked_llama):
+    return peaked_llama
 
 
 def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -226,7 +207,7 @@ def test_batched_h2o_keeps_per_sequence_what_it_keeps_alone(model):
 def test_decode_scoring_matches_the_chunk_scoring_it_shortcuts(model, batch, rows):
     """A decode step folds RoPE and the softmax scale into one matrix and scores all layers'
     queries with bmm; it must give what the general (prefill) path gives."""
-    from kvstress.caches.base import _scaled_rotation, apply_rotary
+    from kvstress.caches.base import apply_rotary, scaled_rotation
     from kvstress.caches.h2o import attention_mass, decode_attention_mass
 
     generator = torch.Generator().manual_seed(3)
@@ -239,7 +220,7 @@ def test_decode_scoring_matches_the_chunk_scoring_it_shortcuts(model, batch, row
 
     layers = 3  # the same query in every layer: all must come out alike
     stacked = query.view(1, batch, heads, dim).expand(layers, -1, -1, -1)
-    rotated = torch.matmul(stacked, _scaled_rotation(cos, sin, scaling).unsqueeze(0))
+    rotated = torch.matmul(stacked, scaled_rotation(cos, sin, scaling).unsqueeze(0))
     assert torch.equal(rotated[0], rotated[-1])
     rotated = rotated[0].view(batch, heads, 1, dim)
     expected_query = apply_rotary(query, cos.unsqueeze(1), sin.unsqueeze(1))

@@ -13,7 +13,6 @@ import json
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from kvstress import make_cache
@@ -23,16 +22,8 @@ from kvstress.stream import cache_argument
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # peaked attention, so H2O's choices depend on the scores (as in test_caches)
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    return model
+def model(peaked_llama):
+    return peaked_llama
 
 
 @pytest.mark.parametrize("spec, positions", [("h2o_2_6_24", "original"), ("streaming_4_24", "shifted")])

@@ -182,7 +182,7 @@ def _expand_index(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
 
 
-def _scaled_rotation(cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
+def scaled_rotation(cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
     """[batch, dim, dim] M with query @ M == apply_rotary(query, cos, sin) * scaling for one
     query token per sequence (cos, sin [batch, 1, dim])."""
     dim = cos.shape[-1]

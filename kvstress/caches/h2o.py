@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import _SCORE_BLOCK_ELEMENTS, CompressedCache, FixedCapacityLayer, _scaled_rotation, apply_rotary
+from .base import _SCORE_BLOCK_ELEMENTS, CompressedCache, FixedCapacityLayer, apply_rotary, scaled_rotation
 
 
 class H2OLayer(FixedCapacityLayer):
@@ -41,8 +41,7 @@ def decode_attention_mass(query: torch.Tensor, keys: torch.Tensor) -> torch.Tens
     """`attention_mass` for one query token already rotated and scaled: one small softmax.
 
     query [batch, heads, dim]; keys [batch, kv_heads, total, dim] → [batch, kv_heads, total]
-    float32. Written with bmm and views only: on CPU each extra op costs about as much as
-    this whole computation.
+    float32. Written with bmm and views only: on CPU every op costs microseconds of dispatch.
     """
     batch, heads, dim = query.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
@@ -117,7 +116,7 @@ class H2OCache(CompressedCache):
         self._decode_rope = None
         queries = self.buffers["queries"]  # [layers, batch, heads, 1, head_dim]
         layers, batch, heads, _, dim = queries.shape
-        rotation = _scaled_rotation(cos, sin, self._scaling)  # [batch or 1, dim, dim]
+        rotation = scaled_rotation(cos, sin, self._scaling)  # [batch or 1, dim, dim]
         rotated = torch.matmul(queries.view(layers, batch, heads, dim), rotation.unsqueeze(0))
         mass = decode_attention_mass(rotated.view(layers * batch, heads, dim), self._flat("keys", 0, total))
         self._flat("scores", 0, total).add_(mass)
