@@ -133,7 +133,8 @@ def _run_sweep(config: RunConfig, *, force: bool, resume: bool, isolate: bool) -
     if resume:
         if not config.out.exists():
             raise ResultsError(f"nothing to resume: {config.out} does not exist; drop --resume to start a new sweep")
-        writer = ResultsWriter.resume(config.out, config.to_json(), environment(torch_device))
+        writer = ResultsWriter.resume(config.out, config.to_json(), environment(torch_device),
+                                      defaults=RunConfig.json_defaults())
         console.print(f"resuming {config.out}: {len(writer.done_points())} points already measured")
     else:
         writer = ResultsWriter(config.out, "sweep", config.to_json(), environment(torch_device), overwrite=force)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .caches import POSITION_MODES
@@ -120,6 +120,12 @@ class RunConfig:
         data["lengths"] = list(self.lengths)
         del data["out"]
         return data
+
+    @classmethod
+    def json_defaults(cls) -> dict:
+        """Each option's default as results files store it: what a key that a file written
+        before the option existed lacks stands for."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING and f.name != "out"}
 
     @classmethod
     def from_json(cls, data: dict, out: Path) -> "RunConfig":

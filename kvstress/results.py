@@ -249,19 +249,23 @@ class ResultsWriter:
         self._save()
 
     @classmethod
-    def resume(cls, path: str | Path, config: dict, environment: dict | None = None) -> ResultsWriter:
+    def resume(cls, path: str | Path, config: dict, environment: dict | None = None,
+               defaults: dict | None = None) -> ResultsWriter:
         """Reopen a results file to add to it; its config must equal config.
 
         The caller decides what config means (leave out keys that may change
-        between runs, such as the output path). When environment is given, an
-        event records it, so results from two machines or versions can be told apart.
+        between runs, such as the output path). `defaults`: values a key absent from
+        the file's config stands for (an option added after the file was written, at
+        its default, changes nothing). When environment is given, an event records it,
+        so results from two machines or versions can be told apart.
         """
         doc = load_results(path)
         config = _jsonable(config, "the config")
+        stored = {**_jsonable(defaults or {}, "the defaults"), **doc["config"]}
         differing = sorted(
             key
-            for key in set(doc["config"]) | set(config)
-            if doc["config"].get(key, _MISSING) != config.get(key, _MISSING)
+            for key in set(stored) | set(config)
+            if stored.get(key, _MISSING) != config.get(key, _MISSING)
         )
         if differing:
             details = "; ".join(

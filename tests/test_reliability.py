@@ -109,6 +109,21 @@ def test_resume_refuses_a_different_config(tmp_path, text_file):
     assert "config differs in chunk" in result.stderr
 
 
+def test_a_file_from_before_an_option_existed_resumes_at_its_default(tmp_path, text_file):
+    out = tmp_path / "results.json"
+    assert runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out)]).exit_code == 0
+    doc = json.loads(out.read_text())
+    del doc["config"]["compile"]  # as written before --compile existed
+    doc["complete"] = False
+    out.write_text(json.dumps(doc))
+    refused = runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out), "--resume", "--compile"])
+    assert refused.exit_code == 2
+    assert "config differs in compile (compile: file has '(absent)', now True)" in refused.stderr
+    result = runner.invoke(app, [*SWEEP, "--dataset", str(text_file), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["complete"] is True
+
+
 def test_crash_in_an_isolated_child_is_a_failed_point_and_the_sweep_goes_on(tmp_path, text_file, monkeypatch):
     monkeypatch.setenv(CRASH_ENV, "streaming_4_48:300")
     out = tmp_path / "results.json"
