@@ -71,9 +71,6 @@ class FixedCapacityLayer(CacheLayerMixin):
         # This layer's slice of the cache's buffers ([batch, kv_heads, slots(, head_dim)]),
         # set when the cache allocates them.
         self.positions: torch.Tensor | None = None
-        # Slices of those by slot range, made once: a decode step touches the same few
-        # ranges every time, and on CPU making a view costs as much as a small kernel.
-        self._views: dict[tuple[str, int, int], torch.Tensor] = {}
         # Filled by the attention hooks for the current forward (see hooks.py).
         self.query: torch.Tensor | None = None  # [batch, heads, q, head_dim], before RoPE
         self.raw_keys: torch.Tensor | None = None  # [batch, kv_heads, q, head_dim], before RoPE
@@ -96,20 +93,12 @@ class FixedCapacityLayer(CacheLayerMixin):
         """Take this layer's slices of the cache's (re)allocated buffers."""
         for name, buffer in buffers.items():
             setattr(self, name, buffer[self.layer_idx])
-        self._views.clear()
         self.is_initialized = True
 
     def _view(self, name: str, start: int, stop: int) -> torch.Tensor:
         """This layer's `buffer[:, :, start:stop]` for the buffer called `name`, made once per range."""
-        if self.owner.in_graph:  # a compiled graph slices for free; the buffers are its inputs, not views
-            return getattr(self, name)[:, :, start:stop]
-        key = (name, start, stop)
-        view = self._views.get(key)
-        if view is None:
-            if len(self._views) > 256:  # ranges seen while filling up are not seen again
-                self._views.clear()
-            view = self._views[key] = getattr(self, name)[:, :, start:stop]
-        return view
+        return self.owner.cached_view((name, self.layer_idx, start, stop),
+                                      lambda: getattr(self, name)[:, :, start:stop])
 
     # -- the transformers layer interface ---------------------------------------
 
@@ -224,7 +213,7 @@ class CompressedCache(Cache):
         self.seen = 0  # tokens ever written, i.e. the next token's absolute position
         self.pending_total: int | None = None  # n + q while a forward is between its first update and eviction
         self.buffers: dict[str, torch.Tensor] = {}
-        # Views of the buffers made once (see FixedCapacityLayer._views), by what they show.
+        # Views of the buffers, made once each (see cached_view), by what they show.
         self._views: dict[tuple, torch.Tensor] = {}
         self._rotary_embedding = rotary_embedding
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -272,13 +261,16 @@ class CompressedCache(Cache):
         """Buffers a policy needs besides keys, values and positions (named in buffer_names to move with them)."""
         return {}
 
-    def _view(self, key: tuple, make) -> torch.Tensor:
-        """`make()`, a view of the buffers, made once per key (and freshly inside a compiled graph)."""
+    def cached_view(self, key: tuple, make) -> torch.Tensor:
+        """`make()`, a view of the buffers, made once per key: a decode step touches the same
+        few slot ranges every time, and on CPU making a view costs as much as a small kernel.
+        Inside a compiled graph views are free and the buffers are its inputs, so not kept."""
         if self.in_graph:
             return make()
         view = self._views.get(key)
         if view is None:
-            if len(self._views) > 256:  # ranges seen while filling up are not seen again
+            # Ranges seen while filling up are not seen again; a steady state needs a few per layer.
+            if len(self._views) > 16 * (self.num_layers + 1):
                 self._views.clear()
             view = self._views[key] = make()
         return view
@@ -289,7 +281,7 @@ class CompressedCache(Cache):
         def make():
             buffer = self.buffers[name]
             return buffer.view(-1, *buffer.shape[2:])[:, :, start:stop]
-        return self._view(("flat", name, start, stop), make)
+        return self.cached_view(("flat", name, start, stop), make)
 
     @property
     def nbytes(self) -> int:

@@ -106,7 +106,7 @@ class H2OCache(CompressedCache):
             self._flat("scores", start, start + new_sinks).fill_(float("inf"))
 
     def keep_decode_query(self, layer: H2OLayer) -> None:
-        self._view(("query", layer.layer_idx), lambda: self.buffers["queries"][layer.layer_idx]).copy_(layer.query)
+        self.cached_view(("query", layer.layer_idx), lambda: self.buffers["queries"][layer.layer_idx]).copy_(layer.query)
         self._decode_rope, self._scaling = layer.rope, layer.scaling
 
     def _score_forward(self, total: int) -> None:
