@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=1, help="layers per step (the compressed caches batch their eviction over them)")
+    parser.add_argument("--layers", type=int, default=1,
+                        help="layers per step (the compressed caches batch their eviction over them)")
     parser.add_argument("--capacity", type=int, default=256)
     parser.add_argument("--context", type=int, default=8192, help="tokens already seen when timing starts")
     parser.add_argument("--steps", type=int, default=200)
@@ -59,7 +60,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = (1, args.kv_heads, 1, args.head_dim)
     query = torch.randn(1, args.heads, 1, args.head_dim, device=device, dtype=dtype)
-    rope = (torch.ones(1, 1, args.head_dim, device=device, dtype=dtype), torch.zeros(1, 1, args.head_dim, device=device, dtype=dtype))
+    rope = (torch.ones(1, 1, args.head_dim, device=device, dtype=dtype),
+            torch.zeros(1, 1, args.head_dim, device=device, dtype=dtype))
     new_key = torch.randn(shape, device=device, dtype=dtype)
     new_value = torch.randn(shape, device=device, dtype=dtype)
 

@@ -22,8 +22,8 @@ import torch
 
 from kvstress import make_cache
 from kvstress.caches.compiled import CompiledDecode
-from kvstress.models import load_model
-from kvstress.stream import cache_argument, synchronize
+from kvstress.models import cache_argument, load_model
+from kvstress.stream import synchronize
 
 
 def main() -> None:

@@ -16,9 +16,8 @@ import argparse
 import torch
 
 from kvstress import make_cache, texts
-from kvstress.models import load_model, load_tokenizer
+from kvstress.models import cache_argument, load_model, load_tokenizer
 from kvstress.needle import Haystack, PromptBuilder, make_trial
-from kvstress.stream import cache_argument
 
 
 def main() -> None:

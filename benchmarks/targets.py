@@ -1,7 +1,7 @@
 """The fast-eviction targets (issue 6), measured as ratios in one run.
 
 Streams one text through the full cache, StreamingLLM and H2O at the same capacity
-with kvstress's own runner (chunked prefill, timed single-token steps at each
+with kvstress's own sweep (chunked prefill, timed single-token steps at each
 checkpoint), then prints each target with its measured value:
 
   1. H2O TPOT ≤ 1.05 × StreamingLLM TPOT at 8k and 32k
@@ -25,10 +25,13 @@ from pathlib import Path
 
 import torch
 
-from kvstress.config import RunConfig, parse_lengths
-from kvstress.results import ResultsWriter, environment
+from kvstress.config import SweepConfig, parse_lengths
+from kvstress.models import load_model
+from kvstress.results import environment
+from kvstress.run import execute
 from kvstress.spec import parse_spec
-from kvstress.stream import SweepRunner, load_run_model, load_run_text, synchronize
+from kvstress.stream import synchronize
+from kvstress.sweep import SweepSchedule
 
 
 def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -56,27 +59,23 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=34)
     parser.add_argument("--dataset", default="shakespeare")
-    parser.add_argument("--compile", action="store_true", help="compressed caches' decode step compiled (kvstress sweep --compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compressed caches' decode step compiled (kvstress sweep --compile)")
     parser.add_argument("--out", type=Path, default=Path("targets.json"))
     args = parser.parse_args()
 
     capacity = args.capacity
     streaming, h2o = f"streaming_4_{capacity}", f"h2o_4_{capacity // 8}_{capacity}"
-    config = RunConfig(
+    config = SweepConfig(
         methods=(parse_spec("baseline"), parse_spec(streaming), parse_spec(h2o)),
         lengths=parse_lengths(args.lengths), model=args.model, dataset=args.dataset, chunk=args.chunk,
         decode_steps=args.decode_steps, device=args.device, dtype=args.dtype, compile=args.compile, out=args.out,
+        force=True,
     )
-    _, tokens = load_run_text(config)
-    loaded = load_run_model(config)
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
     device = loaded.model.device
-    writer = ResultsWriter(config.out, "sweep", config.to_json(), environment(device), overwrite=True)
-    runner = SweepRunner(config, loaded.model, tokens, writer, score=False)
-    by = {}
-    for spec in config.methods:
-        for record in runner.run_method(spec, config.lengths):
-            by[record["method"], record["length"]] = record
-    writer.finish()
+    result = execute(SweepSchedule(config, notify=print), loaded=loaded)
+    by = {(record["method"], record["length"]): record for record in result.records}
 
     def tpot(method, length):
         record = by.get((method, length))

@@ -5,6 +5,8 @@
 
 The prompt is longer than the cache, so H2O evicts while it reads the prompt and
 while it generates; the cache ends holding exactly `capacity` tokens per layer.
+The cache is passed as `cache=` on transformers 5.24 (which deprecates
+`past_key_values=`) and as `past_key_values=` on 5.17: `cache_argument` picks the name.
 """
 
 import argparse
@@ -12,7 +14,7 @@ import argparse
 import torch
 
 from kvstress import make_cache
-from kvstress.models import load_model
+from kvstress.models import cache_argument, load_model
 from kvstress.texts import load_text
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,7 +30,9 @@ input_ids = prompt.unsqueeze(0).to(model.device)
 
 cache = make_cache(args.spec, model)  # or positions="shifted", lazy=16
 with torch.no_grad():
-    output = model.generate(input_ids, past_key_values=cache, max_new_tokens=40, do_sample=False)
+    output = model.generate(
+        input_ids, **{cache_argument(model): cache}, max_new_tokens=40, do_sample=False
+    )
 
 print(tokenizer.decode(output[0, input_ids.shape[1] :].tolist()))
 print(f"\n{cache}: {cache.layers[0].seen} tokens seen, {cache.layers[0].kept} kept per layer")

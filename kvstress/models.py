@@ -11,7 +11,9 @@ Accepted names (see ``describe_model_names``):
 
 Every model uses SDPA attention: eager attention materialises length² scores and is never
 acceptable for long prefill. Every failure a user can cause becomes a ``ModelLoadError``
-whose one-line message names the fix.
+whose one-line message names the fix: among them the hub's answers (a gated model without
+access, no token, a typo'd id, a repository that is not a transformers causal LM) and a
+model whose weights alone do not fit in the device's free memory, refused before loading.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from transformers import (
     AutoConfig,
@@ -40,6 +45,9 @@ from transformers import (
     Qwen2Config,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .errors import KvstressError
+from .memory import format_bytes
 
 BUNDLED = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
@@ -101,7 +109,7 @@ RANDOM_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
 }
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(KvstressError):
     """A model or tokenizer that cannot be loaded; the message is one line naming the fix."""
 
 
@@ -158,6 +166,15 @@ def tokenize_text(tokenizer, text: str) -> torch.LongTensor:
     # verbose=False: a long text is the point here, not a mistake worth a warning.
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def cache_argument(model) -> str:
+    """The keyword that hands a cache to `model`'s forward and generate.
+
+    transformers 5.24 takes `cache` and deprecates `past_key_values` with a FutureWarning;
+    5.17 knows only `past_key_values`. The forward's signature says which.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def describe_model_names() -> str:
@@ -265,15 +282,21 @@ def load_tokenizer(name: str):
         )
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
-    """Load model `name` (see describe_model_names) in eval mode on `device`."""
+def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int = 0, tp: int = 1) -> LoadedModel:
+    """Load model `name` (see describe_model_names) in eval mode on `device`; with tp > 1,
+    this rank's shard of it under torchrun (distributed.load_sharded)."""
     torch_device = resolve_device(device)
+    if tp > 1:
+        from .distributed import load_sharded
+
+        return load_sharded(name, torch_device, dtype, seed, tp)
     if name == TINY_RANDOM and dtype == "auto":
         dtype = "float32"  # a test model: exactness checks want float32 on any device
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     if name == TINY_RANDOM or name.startswith(RANDOM_PREFIX):
         config, what = _random_config(name)
+        _require_fits(name, config, torch_device, torch_dtype)
         torch.manual_seed(seed)
         # Built on the target device in the target dtype, so a 7B model never exists in
         # float32 on the host first; the same seed on the same device gives the same weights.
@@ -300,6 +323,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int =
     with _load_errors(name, offline_reason):
         config = AutoConfig.from_pretrained(location, local_files_only=local_only)
     _require_causal_lm(name, config)
+    _require_fits(name, config, torch_device, torch_dtype)
     with _load_errors(name, offline_reason):
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
     model = _pretrained_model(name, location, torch_device, torch_dtype, offline_reason)
@@ -386,6 +410,49 @@ def _require_causal_lm(name: str, config: PretrainedConfig) -> None:
         )
 
 
+def _require_fits(
+    name: str, config: PretrainedConfig, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Refuses a model whose weights alone exceed the memory free on `device`, before loading.
+
+    Loading it anyway ends in an out-of-memory error halfway through, or on CPU in the OS
+    killing the process without a word. The KV cache and activations come on top: passing
+    this check is necessary, not sufficient, and a run that then hits OOM records it.
+    """
+    if getattr(config, "quantization_config", None) is not None:
+        return  # quantized weights are not parameters × dtype size: no estimate
+    free = _free_memory(device)
+    needed = _weight_bytes(config, dtype)
+    if free is None or needed <= free:
+        return
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype.itemsize > 2:
+        smaller = f"--dtype bfloat16 (needs {format_bytes(needed * 2 // dtype.itemsize)}), "
+    else:
+        smaller = ""
+    raise ModelLoadError(
+        f"{name} needs {format_bytes(needed)} for its weights alone in {dtype_name} but {device} "
+        f"has {format_bytes(free)} free: use {smaller}a smaller model (e.g. {BUNDLED} or "
+        f"random:llama-3.2-1b), or a device with more memory"
+    )
+
+
+def _weight_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's parameters in `dtype`, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`; None where no figure exists (MPS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]  # device-wide: other processes count
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    return None
+
+
 def _locate(name: str) -> tuple[str, str | None]:
     """Where to load `name` from: (folder or hub id, why only the local hub cache can be used)."""
     path = Path(name).expanduser()
@@ -415,15 +482,99 @@ def _load_errors(name: str, offline_reason: str | None = None):
     try:
         yield
     except (OSError, ValueError) as err:
-        if offline_reason is not None:
-            message = (
-                f"cannot load model {name!r}: not a local folder and the hub is unreachable "
-                f"(offline? {offline_reason}): pass a local folder, {BUNDLED} or random:<arch>"
+        raise ModelLoadError(_load_error_message(name, err, offline_reason)) from err
+
+
+# transformers' words for a config.json it cannot use (its own classes are OSError/ValueError).
+_UNKNOWN_MODEL_TYPE = re.compile(r"has model type `([^`]*)` but Transformers does not recognize")
+_NO_MODEL_TYPE = "Unrecognized model in"
+
+
+def _load_error_message(name: str, err: Exception, offline_reason: str | None) -> str:
+    if offline_reason is not None:
+        return (
+            f"cannot load model {name!r}: not a local folder and the hub is unreachable "
+            f"(offline? {offline_reason}): pass a local folder, {BUNDLED} or random:<arch>"
+        )
+    hub_error = _hub_error(err)
+    if hub_error is not None:
+        return _hub_error_message(name, hub_error)
+    unknown = _UNKNOWN_MODEL_TYPE.search(str(err))
+    if unknown:
+        return (
+            f"cannot load model {name!r}: its model type {unknown.group(1)!r} is unknown to "
+            f"transformers {importlib.metadata.version('transformers')}: upgrade it with "
+            "pip install --upgrade transformers (models that need trust_remote_code are not "
+            "supported)"
+        )
+    if str(err).startswith(_NO_MODEL_TYPE):
+        return (
+            f"cannot load model {name!r}: it has no config.json with a model_type, so it is not "
+            "a transformers model (a GGUF-only or adapter repository?): use the id of the "
+            f"transformers checkpoint it comes from, {BUNDLED} or random:<arch>"
+        )
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"cannot load model {name!r}: {first_line}"
+
+
+def _hub_error(err: BaseException):
+    """The huggingface_hub HTTP error that `err` was raised from, if any.
+
+    transformers re-raises the hub's errors as OSError with the original as the cause;
+    the original's class says what happened (gated, not found, token refused).
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, HfHubHTTPError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _hub_error_message(name: str, err) -> str:
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    page = f"https://huggingface.co/{name}"
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    logged_in = get_token() is not None
+    # GatedRepoError is a RepositoryNotFoundError: it is asked first.
+    if isinstance(err, GatedRepoError):
+        if logged_in:
+            return (
+                f"{name} is a gated model and your Hugging Face account has no access to it "
+                f"yet: accept its licence on {page} (its owners may take a while to approve), "
+                "then run again"
             )
-        else:
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            message = f"cannot load model {name!r}: {first_line}"
-        raise ModelLoadError(message) from err
+        return (
+            f"{name} is a gated model and you are not logged in to Hugging Face: accept its "
+            f"licence on {page}, then {login}"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        if logged_in:
+            search = f"https://huggingface.co/models?search={name.split('/')[-1]}"
+            return (
+                f"there is no model {name!r} on the Hugging Face hub that your token can see: "
+                f"check the id for typos ({search})"
+            )
+        return (
+            f"there is no model {name!r} on the Hugging Face hub, or it is private and you "
+            f"are not logged in: check the id for typos, or {login}"
+        )
+    status = err.response.status_code if err.response is not None else None
+    if status == 401:
+        return (
+            f"the Hugging Face hub refused your token when loading {name}: {login} "
+            "with a valid token"
+        )
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (
+        f"cannot load model {name!r}: the Hugging Face hub answered HTTP {status} "
+        f"({first_line}): try again later, or pass a local folder"
+    )
 
 
 def _pretrained_model(name, location, device, dtype, offline_reason=None) -> PreTrainedModel:

@@ -26,7 +26,9 @@ place, or the number appearing later) or wrong. accuracy = exact / trials.
 Results (kind "needle"): one event "needle_cell" per (method, length, depth) with the
 trials, counts, accuracy and every answer, written as each cell finishes; one record per
 (method, length) with status, time to first token, decode time and memory; an OOM
-writes an "oom" record at the length it hit and the method stops there.
+writes an "oom" record at the length it hit and the method stops there. Each method is
+one stream of the stream core (one warm-up); every trial restarts its cache. A resumed
+run skips the cells the file holds.
 Same seed, same corpus and tokenizer: the same haystacks, needles and numbers, for every
 method.
 """
@@ -37,20 +39,18 @@ import math
 import random
 import re
 import statistics
-import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .caches import cache_bytes, cached_tokens
+from .config import ConfigError, NeedleConfig
+from .run import Schedule
 from .spec import MethodSpec
+from .stream import Harness, Stream
 
 CELL_EVENT = "needle_cell"
-DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
-DEFAULT_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)  # percent
 NEEDLE = "\nThe magic number is {number}.\n"
 QUESTION = "\n\nWhat is the magic number? The magic number is"
 CHAT_QUESTION = "What is the magic number mentioned in the text above?"
@@ -83,52 +83,6 @@ def parse_depths(text: str) -> tuple[float, ...]:
     if not depths:
         raise ConfigError("--depths is empty: give percentages like 0,25,50,75,100")
     return tuple(sorted(depths))
-
-
-@dataclass(frozen=True)
-class NeedleConfig:
-    methods: tuple[MethodSpec, ...]
-    lengths: tuple[int, ...] = DEFAULT_LENGTHS
-    depths: tuple[float, ...] = DEFAULT_DEPTHS
-    needles: int = 3
-    seed: int = 0
-    model: str = "smollm2-135m"
-    dataset: str | None = None
-    chunk: int = 512
-    max_new_tokens: int = 24
-    device: str = "auto"
-    dtype: str = "auto"
-    positions: str = "original"
-    chat: bool = False
-    out: Path = field(default=Path("needle.json"))
-
-    def __post_init__(self) -> None:
-        from .caches import POSITION_MODES
-
-        if not self.methods:
-            raise ConfigError("no method to run: give --method baseline, streaming, h2o or a spec string")
-        if not self.lengths or list(self.lengths) != sorted(set(self.lengths)) or self.lengths[0] <= 0:
-            raise ConfigError("--lengths must be positive and increasing, e.g. 1k,2k,4k")
-        if not self.depths or any(not 0 <= d <= 100 for d in self.depths):
-            raise ConfigError("--depths must be percentages between 0 and 100, e.g. 0,50,100")
-        if self.needles < 1:
-            raise ConfigError(f"--needles must be at least 1 per cell, got {self.needles}")
-        if self.chunk <= 0:
-            raise ConfigError(f"--chunk must be positive, got {self.chunk}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.positions not in POSITION_MODES:
-            raise ConfigError(f"--positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["methods"] = [spec.name for spec in self.methods]
-        data["lengths"] = list(self.lengths)
-        data["depths"] = list(self.depths)
-        data["out"] = str(self.out)
-        return data
 
 
 # --- prompts ----------------------------------------------------------------------------
@@ -307,9 +261,6 @@ def answer_complete(answer: str) -> bool:
 
 # --- running ----------------------------------------------------------------------------
 
-ProgressCallback = Callable[[str, int], None]  # (method, trials just done)
-Notify = Callable[[str], None]
-
 
 @dataclass
 class _Answer:
@@ -320,134 +271,135 @@ class _Answer:
     cache_tokens: int
 
 
-class NeedleRunner:
-    """Runs every cell of every method through the model and writes results as it goes."""
+def done_cells(events: list[dict], spec: MethodSpec) -> set[tuple[int, float]]:
+    return {(c["length"], c["depth"]) for c in needle_cells({"events": events})
+            if c["method"] == spec.name and c["status"] == "ok"}
 
-    def __init__(self, config: NeedleConfig, model, builder: PromptBuilder,
-                 trials: dict[tuple[int, float], list[Trial]], writer, *,
-                 on_progress: ProgressCallback | None = None):
-        from .memory import MemorySampler
-        from .stream import cache_argument
 
-        self.config = config
-        self.model = model
-        self.builder = builder
-        self.trials = trials
-        self.writer = writer
-        self.on_progress = on_progress or (lambda method, n: None)
-        self.device = next(model.parameters()).device
-        self.sampler = MemorySampler(self.device)
-        self.cache_argument = cache_argument(model)
-        eos = getattr(builder.tokenizer, "eos_token_id", None)
-        self.eos = {eos} if isinstance(eos, int) else set()
-        if self.builder.chat:
-            for token in ("<|im_end|>", "<|eot_id|>"):
-                token_id = _token_id(builder.tokenizer, token)
-                if token_id is not None:
-                    self.eos.add(token_id)
+class NeedleSchedule(Schedule):
+    """Every cell of every method through the model, as one stream per method."""
 
-    def _forward(self, cache, ids: list[int] | tuple[int, ...]) -> torch.Tensor:
-        """Feed ids; return the last position's logits [vocab]."""
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        output = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                            **{self.cache_argument: cache})
-        self.sampler.sample(None)
-        return output.logits[0, -1]
+    random_weights_note = "random weights: retrieval accuracy means nothing here (the structure of the run does)"
 
-    def answer(self, spec: MethodSpec, trial: Trial) -> _Answer:
-        """Prefill the context in chunks, the question in one forward, then decode greedily."""
-        from .caches import cache_bytes, cached_tokens, make_run_cache
-        from .stream import synchronize
+    config_type = NeedleConfig
+    config: NeedleConfig
 
+    def check(self, tokenizer) -> None:
+        """The --chat check and every length's room for a haystack, before any text or weights load."""
         config = self.config
-        cache = make_run_cache(spec, self.model, positions=config.positions, lazy=0)
-        ids = trial.ids
-        generated: list[int] = []
-        step_ms: list[float] = []
-        with torch.no_grad():
-            synchronize(self.device)
-            began = time.perf_counter()
-            for start in range(0, trial.context_tokens, config.chunk):
-                self._forward(cache, ids[start : min(start + config.chunk, trial.context_tokens)])
-            logits = self._forward(cache, ids[trial.context_tokens :])
-            token = int(logits.argmax())
-            synchronize(self.device)
-            ttft_s = time.perf_counter() - began
-            size = (cache_bytes(cache), cached_tokens(cache))
-            while True:
-                generated.append(token)
-                if token in self.eos or len(generated) >= config.max_new_tokens:
-                    break
-                if answer_complete(self.builder.decode(generated)):
-                    break
-                began = time.perf_counter()
-                token = int(self._forward(cache, [token]).argmax())
-                synchronize(self.device)
-                step_ms.append((time.perf_counter() - began) * 1000)
-        del cache
-        return _Answer(self.builder.decode([t for t in generated if t not in self.eos]), ttft_s, step_ms, *size)
+        self.builder = PromptBuilder(tokenizer, chat=config.chat, model_name=config.model)
+        for length in config.lengths:
+            size = length - self.builder.overhead()
+            if size < MIN_HAYSTACK:
+                raise ConfigError(
+                    f"length {length} leaves {size} haystack tokens after the needle and question "
+                    f"({self.builder.overhead()} tokens): use lengths of at least {self.builder.overhead() + MIN_HAYSTACK}"
+                )
+        self.eos = _stop_tokens(tokenizer, config.chat)
 
-    def _cell(self, spec: MethodSpec, length: int, depth: float) -> dict:
+    def prepare(self, text, writer) -> None:
+        config = self.config
+        self.haystack = Haystack(text.tokens, self.builder)
+        self.corpus = text.tokens.unsqueeze(0)  # the warm-up's text
+        self.trials = make_trials(self.builder, self.haystack, config.lengths, config.depths, config.needles,
+                                  config.seed)
+        writer.add_event({"type": "prompt", "chat": config.chat, "head_tokens": len(self.builder.head),
+                          "tail_tokens": len(self.builder.tail), "needle": NEEDLE,
+                          "question": CHAT_QUESTION if config.chat else QUESTION})
+
+    def is_done(self, spec: MethodSpec, writer) -> bool:
+        ended = any(r["method"] == spec.name and r["status"] == "oom" for r in writer.records)
+        return ended or len(done_cells(writer.events, spec)) == len(self.trials)
+
+    def crash_point(self, spec: MethodSpec, records: list[dict]) -> dict | None:
+        recorded = {r["length"] for r in records if r["method"] == spec.name}
+        pending = [length for length in self.config.lengths if length not in recorded]
+        return {"length": pending[0], "batch_size": 1} if pending else None
+
+    def run_method(self, harness: Harness, spec: MethodSpec) -> None:
+        config, writer = self.config, harness.writer
+        done = done_cells(writer.events, spec)
+        todo = [trial for key, trials in self.trials.items() if key not in done for trial in trials]
+        harness.progress.start(spec.name, sum(len(t.ids) + config.max_new_tokens for t in todo))
+        stream = None
+        for length in config.lengths:
+            depths = [depth for depth in config.depths if (length, depth) not in done]
+            if not depths:
+                continue
+            with harness.guard(spec, length=length) as point:
+                point.depth = depths[0]
+                if stream is None:
+                    stream = harness.open(spec, self.corpus)
+                harness.new_window()
+                timings = []
+                for depth in depths:
+                    point.depth = depth
+                    timings.extend(self._cell(stream, length, depth))
+                    harness.flush_samples()
+                steps = [ms for t in timings for ms in t.step_ms]
+                writer.add_record({
+                    "method": spec.name, "length": length, "status": "ok", "batch_size": 1,
+                    "ttft_s": statistics.median(t.ttft_s for t in timings),
+                    **harness.measurements(stream, steps),
+                    "cache_bytes": timings[-1].cache_bytes, "cache_tokens": timings[-1].cache_tokens,
+                })
+            if point.failed:
+                writer.add_event({"type": CELL_EVENT, "method": spec.name, "length": length, "depth": point.depth,
+                                  "status": "oom", "trials": 0, "exact": 0, "partial": 0, "wrong": 0,
+                                  "accuracy": None, "message": point.failed["error"]})
+                break
+        harness.progress.finish()
+
+    def _cell(self, stream: Stream, length: int, depth: float) -> list[_Answer]:
         trials = self.trials[(length, depth)]
         counts = dict.fromkeys(SCORES, 0)
         answers, timings = [], []
         for trial in trials:
-            result = self.answer(spec, trial)
+            result = self.answer(stream, trial)
             score = score_answer(result.text, trial.number)
             counts[score] += 1
             answers.append({"number": trial.number, "answer": result.text, "score": score,
                             "needle_position": trial.needle_position, "offset": trial.offset})
             timings.append(result)
-            self.on_progress(spec.name, 1)
-        event = {"type": CELL_EVENT, "method": spec.name, "length": length, "depth": depth, "status": "ok",
-                 "trials": len(trials), **counts, "accuracy": counts["exact"] / len(trials), "answers": answers}
-        self.writer.add_event(event)
-        return {"event": event, "timings": timings}
+        stream.harness.writer.add_event({
+            "type": CELL_EVENT, "method": stream.spec.name, "length": length, "depth": depth, "status": "ok",
+            "trials": len(trials), **counts, "accuracy": counts["exact"] / len(trials), "answers": answers})
+        return timings
 
-    def run_method(self, spec: MethodSpec) -> tuple[list[dict], list[dict]]:
-        """All cells of one method; returns (cell events, records). An OOM ends the method."""
-        from .results import RECORD_FIELDS
-        from .stream import free_memory, percentile
+    def answer(self, stream: Stream, trial: Trial) -> _Answer:
+        """Prefill the context in chunks, the question in one forward, then decode greedily."""
+        config, harness = self.config, stream.harness
+        stream.restart()
+        ids = torch.tensor([list(trial.ids)], dtype=torch.long, device=harness.device)
+        for start in range(0, trial.context_tokens, config.chunk):
+            stream.forward(ids[:, start : min(start + config.chunk, trial.context_tokens)], "prefill")
+        logits, _ = stream.forward(ids[:, trial.context_tokens :], "prefill")
+        ttft_s = stream.build_s
+        size = (cache_bytes(stream.cache), cached_tokens(stream.cache))
+        token = int(logits[0, -1].argmax())
+        generated: list[int] = []
+        step_ms: list[float] = []
+        while True:
+            generated.append(token)
+            if token in self.eos or len(generated) >= config.max_new_tokens:
+                break
+            if answer_complete(self.builder.decode(generated)):
+                break
+            logits, elapsed = stream.forward(ids.new_tensor([[token]]), "decode", compiled=True)
+            token = int(logits[0, -1].argmax())
+            step_ms.append(elapsed * 1000)
+        return _Answer(self.builder.decode([t for t in generated if t not in self.eos]), ttft_s, step_ms, *size)
 
-        config = self.config
-        cells, records = [], []
-        failure, length_at, depth_at = None, config.lengths[0], config.depths[0]
-        try:
-            for length in config.lengths:
-                length_at = length
-                self.sampler.reset_peak()
-                timings = []
-                for depth in config.depths:
-                    depth_at = depth
-                    cell = self._cell(spec, length, depth)
-                    cells.append(cell["event"])
-                    timings.extend(cell["timings"])
-                steps = [ms for t in timings for ms in t.step_ms]
-                peak = self.sampler.peak_record()
-                records.append(self.writer.add_record({
-                    "method": spec.name, "length": length, "status": "ok", "batch_size": 1,
-                    "ttft_s": statistics.median(t.ttft_s for t in timings),
-                    "tpot_ms_median": statistics.median(steps) if steps else None,
-                    "tpot_ms_p90": percentile(steps, 0.9) if steps else None,
-                    **peak,
-                    "cache_bytes": timings[-1].cache_bytes,
-                    "cache_tokens": timings[-1].cache_tokens,
-                }))
-        except torch.OutOfMemoryError as error:
-            # Keep only the message: the exception's frames hold the cache and activations alive.
-            failure = str(error).splitlines()[0] if str(error) else "out of memory"
-        if failure is not None:
-            free_memory(self.device)
-            event = {"type": CELL_EVENT, "method": spec.name, "length": length_at, "depth": depth_at,
-                     "status": "oom", "trials": 0, "exact": 0, "partial": 0, "wrong": 0, "accuracy": None,
-                     "message": failure}
-            cells.append(self.writer.add_event(event))
-            self.writer.add_event({"type": "oom", "method": spec.name, "length": length_at, "message": failure})
-            record = dict.fromkeys(RECORD_FIELDS, None)
-            record.update(method=spec.name, length=length_at, status="oom", batch_size=1, error=failure)
-            records.append(self.writer.add_record(record))
-        free_memory(self.device)
-        return cells, records
+
+def _stop_tokens(tokenizer, chat: bool) -> set[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stops = {eos} if isinstance(eos, int) else set()
+    if chat:
+        for token in ("<|im_end|>", "<|eot_id|>"):
+            token_id = _token_id(tokenizer, token)
+            if token_id is not None:
+                stops.add(token_id)
+    return stops
 
 
 def _token_id(tokenizer, token: str) -> int | None:
@@ -457,66 +409,6 @@ def _token_id(tokenizer, token: str) -> int | None:
     token_id = convert(token)
     unk = getattr(tokenizer, "unk_token_id", None)
     return token_id if isinstance(token_id, int) and token_id != unk else None
-
-
-@dataclass
-class NeedleRun:
-    config: NeedleConfig
-    cells: list[dict]
-    records: list[dict]
-    text_description: str
-
-
-def run_needle(config: NeedleConfig, *, force: bool = False, notify: Notify = lambda message: None,
-               progress: Callable | None = None) -> NeedleRun:
-    """Check everything, load text and model, run every method, write config.out.
-
-    The tokenizer, the --chat check and every prompt come before the model loads, so a
-    mistake fails in a second; the results file is created before anything loads.
-    """
-    from . import models, texts
-    from .results import ResultsWriter, environment
-
-    torch_device = models.resolve_device(config.device)
-    tokenizer = models.load_tokenizer(config.model)
-    builder = PromptBuilder(tokenizer, chat=config.chat, model_name=config.model)
-    for length in config.lengths:  # a too-short length is a mistake: say so before loading text
-        size = length - builder.overhead()
-        if size < MIN_HAYSTACK:
-            raise ConfigError(
-                f"length {length} leaves {size} haystack tokens after the needle and question "
-                f"({builder.overhead()} tokens): use lengths of at least {builder.overhead() + MIN_HAYSTACK}"
-            )
-    writer = ResultsWriter(config.out, "needle", config.to_json(), environment(torch_device), overwrite=force)
-    text = texts.load_text(config.dataset, tokenizer, config.lengths[-1])
-    notify(f"text: {text.description}")
-    writer.add_event({"type": "dataset", "name": text.name, "message": text.description})
-    if text.fallback_note:
-        notify(f"note: {text.fallback_note}")
-        writer.add_event({"type": "fallback", "message": text.fallback_note})
-    haystack = Haystack(text.tokens, builder)
-    trials = make_trials(builder, haystack, config.lengths, config.depths, config.needles, config.seed)
-    writer.add_event({"type": "prompt", "chat": config.chat, "head_tokens": len(builder.head),
-                      "tail_tokens": len(builder.tail), "needle": NEEDLE, "question": QUESTION if not config.chat
-                      else CHAT_QUESTION})
-
-    loaded = models.load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
-    notify(f"model: {loaded.name} — {loaded.source}")
-    writer.add_event({"type": "model", "name": loaded.name, "pretrained": loaded.pretrained, "message": loaded.source})
-    if not loaded.pretrained:
-        notify("note: random weights: retrieval accuracy means nothing here (the structure of the run does)")
-    cells, records = [], []
-    with (progress or (lambda config: nullcontext(None)))(config) as on_progress:
-        runner = NeedleRunner(config, loaded.model, builder, trials, writer, on_progress=on_progress)
-        for spec in config.methods:
-            method_cells, method_records = runner.run_method(spec)
-            cells.extend(method_cells)
-            records.extend(method_records)
-            if method_records and method_records[-1]["status"] == "oom":
-                notify(f"{spec.name}: out of memory at {method_records[-1]['length']} tokens — "
-                       f"{method_records[-1]['error']}")
-    writer.finish()
-    return NeedleRun(config, cells, records, text.description)
 
 
 # --- reading results --------------------------------------------------------------------
@@ -542,7 +434,6 @@ def mean_accuracy(cells: Sequence[dict]) -> float | None:
 
 
 __all__ = [
-    "CELL_EVENT", "DEFAULT_DEPTHS", "DEFAULT_LENGTHS", "Haystack", "NeedleConfig", "NeedleRun", "NeedleRunner",
-    "PromptBuilder", "SCORES", "Trial", "answer_complete", "make_trial", "make_trials", "mean_accuracy",
-    "needle_cells", "parse_depths", "run_needle", "score_answer",
+    "CELL_EVENT", "Haystack", "NeedleSchedule", "PromptBuilder", "SCORES", "Trial", "answer_complete",
+    "make_trial", "make_trials", "mean_accuracy", "needle_cells", "parse_depths", "score_answer",
 ]

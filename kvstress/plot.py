@@ -25,8 +25,13 @@ from matplotlib.ticker import NullLocator
 from kvstress.results import ResultsError, load_results
 
 SUFFIXES = (".png", ".pdf", ".svg")
-_LINESTYLES = ("-", "--", ":", "-.")  # one per results file; colour is per method
+_LINESTYLES = ("-", "--", ":", "-.")  # one per results file; colour and marker are per method
 _FAILURE_COLOR = "red"
+# Per method, in order of first appearance: matplotlib's ten default colours with red
+# (kept for failures) swapped for black, and markers, so lines stay apart in grey print.
+# The two cycles differ in length, so the first 90 methods all look different.
+_METHOD_COLORS = ("C0", "C1", "C2", "black", "C4", "C5", "C6", "C7", "C8", "C9")
+_METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h")
 
 
 class PlotError(ResultsError):
@@ -126,9 +131,10 @@ def _title(docs: Sequence[dict], kind: str) -> str:
 class _Series:
     """One method of one file: its label, style and records by length."""
 
-    def __init__(self, label: str, color: str, linestyle: str, records: list[dict]) -> None:
+    def __init__(self, label: str, color: str, marker: str, linestyle: str, records: list[dict]) -> None:
         self.label = label
         self.color = color
+        self.marker = marker
         self.linestyle = linestyle
         self.by_length = _last_per_length(records)
 
@@ -146,26 +152,28 @@ class _Series:
 
 
 def _method_styles(docs: Sequence[dict], sources: Sequence[str]):
-    """(doc, method, label, colour, linestyle) for each method of each file.
+    """(doc, method, label, colour, marker, linestyle) for each method of each file.
 
-    A method keeps one colour across files and each file one line style; spec strings
-    alone are ambiguous once two files hold the same method, so labels then name the file.
+    A method keeps one colour and marker across files and each file one line style; spec
+    strings alone are ambiguous once two files hold the same method, so labels then name the file.
     """
     methods_per_file = [list(dict.fromkeys(r["method"] for r in doc["records"])) for doc in docs]
     all_methods = list(dict.fromkeys(m for methods in methods_per_file for m in methods))
     collide = sum(len(methods) for methods in methods_per_file) > len(all_methods)
-    colors = {method: f"C{i % 10}" for i, method in enumerate(all_methods)}
+    index_of = {method: i for i, method in enumerate(all_methods)}
     for index, (doc, source, methods) in enumerate(zip(docs, sources, methods_per_file)):
         for method in methods:
             label = f"{source}: {method}" if collide else method
-            yield doc, method, label, colors[method], _LINESTYLES[index % len(_LINESTYLES)]
+            i = index_of[method]
+            yield (doc, method, label, _METHOD_COLORS[i % len(_METHOD_COLORS)],
+                   _METHOD_MARKERS[i % len(_METHOD_MARKERS)], _LINESTYLES[index % len(_LINESTYLES)])
 
 
 def _sweep_series(docs: Sequence[dict], sources: Sequence[str]) -> list[_Series]:
     return [
-        _Series(label=label, color=color, linestyle=linestyle,
+        _Series(label=label, color=color, marker=marker, linestyle=linestyle,
                 records=[r for r in doc["records"] if r["method"] == method])
-        for doc, method, label, color, linestyle in _method_styles(docs, sources)
+        for doc, method, label, color, marker, linestyle in _method_styles(docs, sources)
     ]
 
 
@@ -233,7 +241,7 @@ def build_sweep_figure(docs: Sequence[dict], sources: Sequence[str] | None = Non
             xs, ys = line.points(field)
             if xs:
                 ax.plot(
-                    xs, [y / scale for y in ys], marker="o", markersize=4, color=line.color,
+                    xs, [y / scale for y in ys], marker=line.marker, markersize=4, color=line.color,
                     linestyle=line.linestyle, label=line.label,
                 )
             if field == "tpot_ms_median":
@@ -297,7 +305,8 @@ def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None)
     for line in series:
         xs, ys = line.points("perplexity")
         if xs:
-            ax.plot(xs, ys, marker="o", markersize=4, color=line.color, linestyle=line.linestyle, label=line.label)
+            ax.plot(xs, ys, marker=line.marker, markersize=4, color=line.color, linestyle=line.linestyle,
+                    label=line.label)
         _draw_failures(ax, line)
     if len(lengths) > 1 and lengths[-1] / lengths[0] >= 4:
         ax.set_xscale("log")
@@ -334,16 +343,16 @@ def _batch_panels(records: list[dict]) -> list[tuple[str, str]]:
     return panels
 
 
-def _batch_lines(docs: Sequence[dict], sources: Sequence[str]) -> list[tuple[str, str, str, dict[int, dict]]]:
-    """(label, colour, linestyle, records by batch size) per method and file; a batch
+def _batch_lines(docs: Sequence[dict], sources: Sequence[str]) -> list[tuple[str, str, str, str, dict[int, dict]]]:
+    """(label, colour, marker, linestyle, records by batch size) per method and file; a batch
     measured twice (a probe repeated) counts its last record."""
     lines = []
-    for doc, method, label, color, linestyle in _method_styles(docs, sources):
+    for doc, method, label, color, marker, linestyle in _method_styles(docs, sources):
         by_batch: dict[int, dict] = {}
         for record in doc["records"]:
             if record["method"] == method and record.get("batch_size") is not None:
                 by_batch[record["batch_size"]] = record
-        lines.append((label, color, linestyle, dict(sorted(by_batch.items()))))
+        lines.append((label, color, marker, linestyle, dict(sorted(by_batch.items()))))
     return lines
 
 
@@ -369,10 +378,10 @@ def build_batch_figure(docs: Sequence[dict], sources: Sequence[str] | None = Non
         if field.endswith("_bytes"):
             scale, unit = _byte_scale([r[field] for r in records if r.get(field) is not None])
             ylabel = f"{ylabel} ({unit})"
-        for label, color, linestyle, by_batch in lines:
+        for label, color, marker, linestyle, by_batch in lines:
             points = [(b, r[field]) for b, r in by_batch.items() if r["status"] == "ok" and r.get(field) is not None]
             if points:
-                ax.plot([p[0] for p in points], [p[1] / scale for p in points], marker="o", markersize=4,
+                ax.plot([p[0] for p in points], [p[1] / scale for p in points], marker=marker, markersize=4,
                         color=color, linestyle=linestyle, label=label)
             for batch, record in by_batch.items():
                 if record["status"] == "ok":

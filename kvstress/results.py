@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import KvstressError
+
 FORMAT = "kvstress-results"
 VERSION = 1
 KINDS = ("sweep", "ppl", "batch", "needle")
@@ -46,6 +48,8 @@ RECORD_UNITS = {
     "ttft_s": "s",
     "tpot_ms_median": "ms",
     "tpot_ms_p90": "ms",
+    "tpot_spread": "1",  # p90 / median of the timed steps
+    "load_per_core": "1",  # the highest 1-minute load average during the point, per logical core
     "throughput_tok_s": "tokens/s",
     "attn_ms_mean": "ms",
     "peak_allocated_bytes": "bytes",
@@ -70,7 +74,9 @@ SAMPLE_UNITS = {
 }
 UNITS = {**RECORD_UNITS, **SAMPLE_UNITS}
 
-RECORD_FIELDS = ("method", "length", "status", *list(RECORD_UNITS)[1:], "error")
+# timing_unstable: the spread or the machine's load says a timing ratio may be noise (stream.py).
+RECORD_FIELDS = ("method", "length", "status", *list(RECORD_UNITS)[1:], "timing_unstable", "error")
+_BOOLEAN_FIELDS = {"timing_unstable"}
 SAMPLE_FIELDS = ("method", "step", "tokens_seen", "phase", *list(SAMPLE_UNITS)[2:])
 # Counts and byte sizes are whole numbers; the rest are measurements.
 _INTEGER_FIELDS = {
@@ -80,7 +86,7 @@ _INTEGER_FIELDS = {
 _REQUIRED = {"method", "length", "status", "step", "tokens_seen", "phase"}
 
 
-class ResultsError(Exception):
+class ResultsError(KvstressError):
     """A results file that cannot be written or read; the message names the fix."""
 
 
@@ -109,6 +115,9 @@ def _check_fields(entry: dict, fields: tuple[str, ...], what: str) -> dict:
                 raise ValueError(f"{what} field {name!r} must be {kind} or None, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{what} field {name!r} is {value}: JSON cannot hold it")
+        elif name in _BOOLEAN_FIELDS:
+            if not isinstance(value, bool):
+                raise ValueError(f"{what} field {name!r} must be true, false or None, got {value!r}")
         elif not isinstance(value, str):
             raise ValueError(f"{what} field {name!r} must be a string, got {value!r}")
     return full
@@ -250,16 +259,19 @@ class ResultsWriter:
 
     @classmethod
     def resume(cls, path: str | Path, config: dict, environment: dict | None = None,
-               defaults: dict | None = None) -> ResultsWriter:
+               defaults: dict | None = None, kind: str | None = None) -> ResultsWriter:
         """Reopen a results file to add to it; its config must equal config.
 
         The caller decides what config means (leave out keys that may change
         between runs, such as the output path). `defaults`: values a key absent from
         the file's config stands for (an option added after the file was written, at
-        its default, changes nothing). When environment is given, an event records it,
+        its default, changes nothing); `kind`, when given, must be the file's. When environment is given, an event records it,
         so results from two machines or versions can be told apart.
         """
         doc = load_results(path)
+        if kind is not None and doc["kind"] != kind:
+            raise ResultsError(f"cannot resume {path}: it holds {doc['kind']} results, not {kind}; "
+                               "give the results file of this command")
         config = _jsonable(config, "the config")
         stored = {**_jsonable(defaults or {}, "the defaults"), **doc["config"]}
         differing = sorted(

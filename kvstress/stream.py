@@ -1,24 +1,27 @@
-"""The runner: stream a text through the model under each cache policy and measure.
+"""The measured stream: the one place where text goes through the model under a cache and is measured.
 
-For each method, one stream of the text:
+    Harness   what every method of a run shares: the model, the results writer, memory
+              sampling and the --max-memory budget, progress, the Ctrl-C check, warm-up,
+              the compiled decode step (--compile) and the one OOM guard
+    Stream    one method's cache and its position in the text. Every forward of every
+              command goes through Stream.forward: timed (synchronised on CUDA), memory
+              sampled, the budget checked, progress advanced, Ctrl-C polled
 
-    prefill chunks ──► checkpoint L ──► decode steps (teacher-forced) ──► prefill chunks ──► ...
-                                         step 0        TTFT(L) = time to build the context + this step
-                                         steps 1..k-2  TPOT samples (median, p90)
-                                         step k-1      attention-time probe (hooks, excluded from TPOT)
+A command is a schedule over it (sweep.py, perplexity.py, needle.py, batch.py): which
+tokens to feed, when to open a stream, what to write. The shape of every schedule:
 
-Memory is sampled after every forward; the NLL of every next token is accumulated
-(real weights only) so each checkpoint also carries the perplexity of the text so
-far. An out-of-memory error (real, or the --max-memory budget) ends the method with
-an "oom" record at the checkpoint it was heading for; the next method starts clean.
-Results go to the writer as each checkpoint finishes.
+    with harness.guard(spec, length=L) as point:   # an OOM inside → one "oom" event and
+        stream = harness.open(spec, tokens)        # one failed record (point.failed); the
+        ...stream.feed(end, "prefill")...          # method ends there, the next one runs
+        writer.add_record({... **harness.measurements(stream, step_ms)})
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
-import inspect
 import math
+import os
 import signal
 import statistics
 import threading
@@ -28,28 +31,43 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .caches import cache_bytes, cached_tokens, make_run_cache
+from .caches import CompressedCache, cache_bytes, cached_tokens, make_run_cache
+from .caches.compiled import CompiledDecode
 from .caches.hooks import attention_modules
 from .config import RunConfig
 from .memory import MemoryBudget, MemorySampler
-from .caches.compiled import CompiledDecode
+from .models import cache_argument
 from .results import RECORD_FIELDS
 from .spec import MethodSpec
-
-ProgressCallback = Callable[[str, int], None]  # (method name, tokens just processed)
 
 # Tokens of the warm-up stream run before each method is measured.
 _WARMUP_TOKENS = 64
 # Decode steps a compiled step needs before it is measured: compilation, then on CUDA
 # a warm-up run and the graph recording.
 _COMPILED_WARMUP_STEPS = 3
+# A point's timing is unstable when its slow steps (p90) take this much longer than the
+# median, or when more threads wanted to run than the machine has cores (the 1-minute
+# load average, ours included, per core): then a ratio between methods may be noise.
+UNSTABLE_SPREAD = 1.3
+UNSTABLE_LOAD = 1.0
 
 
-def cache_argument(model) -> str:
-    """The forward's name for the cache: `cache` from transformers 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+class RunInterrupted(Exception):
+    """The user asked the run to stop (Ctrl-C); everything finished is already written."""
+
+
+class Progress:
+    """Where a run reports how far it got: one bar per label. This one shows nothing."""
+
+    def start(self, label: str, total: int) -> None:
+        pass
+
+    def advance(self, count: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 def synchronize(device: torch.device) -> None:
@@ -63,12 +81,39 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
+def free_memory(device: torch.device) -> None:
+    """Between streams (never between steps: a growing cache would then reallocate every step).
+
+    On CPU the freed heap goes back to the OS (glibc's malloc_trim), so that one stream's
+    peak RSS does not include what the allocator kept from a bigger one before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS may carry over between streams (cache_bytes is exact)
+
+
+def timing_stats(step_ms: list[float]) -> dict:
+    """Median and p90 of the timed steps, and their spread; None when nothing was timed."""
+    if not step_ms:
+        return {"tpot_ms_median": None, "tpot_ms_p90": None, "tpot_spread": None}
+    median, p90 = statistics.median(step_ms), percentile(step_ms, 0.9)
+    return {"tpot_ms_median": median, "tpot_ms_p90": p90, "tpot_spread": p90 / median if median > 0 else None}
+
+
 @contextmanager
 def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
     """Ctrl-C once: the run stops after the current step, keeping what it measured. Twice: now.
 
-    Yields the function the runner polls; the previous handler is restored on exit.
+    Yields the function the harness polls; the previous handler is restored on exit.
+    Outside the main thread (signals cannot be caught there) Ctrl-C is never requested.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
     requested = threading.Event()
 
     def handle(signum, frame):
@@ -83,28 +128,6 @@ def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def load_run_text(config: RunConfig):
-    """The text for a run, as [batch, tokens_needed] ids; fails (TextError) before any model loads."""
-    from . import models, texts
-
-    tokenizer = models.load_tokenizer(config.model)
-    text = texts.load_text(config.dataset, tokenizer, config.tokens_needed * config.batch_size)
-    return text, texts.text_segments(text.tokens, config.batch_size, config.tokens_needed)
-
-
-def load_run_model(config: RunConfig):
-    from . import models
-
-    return models.load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
-
-
-def free_memory(device: torch.device) -> None:
-    """Between methods (never between steps: a growing cache would then reallocate every step)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 class AttentionTimer:
     """Wall time spent inside the attention modules during one forward (synchronised on CUDA)."""
 
@@ -115,7 +138,7 @@ class AttentionTimer:
         self._started = 0.0
         self._handles = []
 
-    def __enter__(self) -> "AttentionTimer":
+    def __enter__(self) -> AttentionTimer:
         def start(module, args, kwargs):
             synchronize(self.device)
             self._started = time.perf_counter()
@@ -134,246 +157,214 @@ class AttentionTimer:
             handle.remove()
 
 
-@dataclass(frozen=True)
-class FinishedPoints:
-    """What a results file already holds: measured points, and methods that ran out of memory."""
+class Stream:
+    """One method's cache and how far into its text it is."""
 
-    points: frozenset[tuple[str, int]] = frozenset()
-    ended: frozenset[str] = frozenset()
+    def __init__(self, harness: Harness, spec: MethodSpec, cache, tokens: torch.Tensor):
+        self.harness = harness
+        self.spec = spec
+        self.cache = cache
+        self.tokens = tokens  # [batch, n] teacher-forcing text on the model's device
+        self.position = 0  # tokens fed since the stream (or its prompt) started
+        self.forwards = 0  # every forward of the stream, prompts included
+        self.build_s = 0.0  # forward time spent building the context so far
 
-    @classmethod
-    def from_records(cls, records: list[dict]) -> "FinishedPoints":
-        done = [r for r in records if r["status"] in ("ok", "oom")]
-        return cls(frozenset((r["method"], r["length"]) for r in done),
-                   frozenset(r["method"] for r in done if r["status"] == "oom"))
+    def feed(self, end: int, phase: str, **options) -> tuple[torch.Tensor, float]:
+        """Feed the text's tokens [position, end); see forward()."""
+        return self.forward(self.tokens[:, self.position : end], phase, **options)
 
-    def covers(self, method: str, lengths: tuple[int, ...]) -> bool:
-        return method in self.ended or all((method, length) in self.points for length in lengths)
+    def forward(self, ids: torch.Tensor, phase: str, *, logits_to_keep: int = 1,
+                compiled: bool = False) -> tuple[torch.Tensor, float]:
+        """One measured forward of ids [batch, q]: (logits, seconds).
+
+        compiled: a single-token step goes through --compile's compiled step (which runs
+        eagerly where the cache is not in steady state; its logits are the last position's).
+        With --tp, every rank agrees on the time (the slowest rank's) and on faults (distributed.py).
+        """
+        if self.harness.ranks is not None:
+            return self.harness.ranks.forward(self, ids, phase, logits_to_keep=logits_to_keep, compiled=compiled)
+        return self._forward(ids, phase, logits_to_keep=logits_to_keep, compiled=compiled)
+
+    def _forward(self, ids: torch.Tensor, phase: str, *, logits_to_keep: int = 1,
+                 compiled: bool = False) -> tuple[torch.Tensor, float]:
+        harness = self.harness
+        synchronize(harness.device)
+        began = time.perf_counter()
+        with torch.no_grad():
+            if compiled and harness.compiled_decode is not None and ids.shape[1] == 1:
+                logits = harness.compiled_decode(self.cache, ids)
+            else:
+                logits = harness.model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep,
+                                       **{harness.cache_argument: self.cache}).logits
+        synchronize(harness.device)
+        elapsed = time.perf_counter() - began
+        self.position += ids.shape[1]
+        self.forwards += 1
+        self.build_s += elapsed
+        harness.after_forward(self, ids.shape[1], phase)
+        return logits, elapsed
+
+    def restart(self) -> None:
+        """An empty cache for a new prompt (needle): a compressed cache keeps its buffers, so a
+        compiled step stays valid; the full cache is made anew."""
+        if isinstance(self.cache, CompressedCache):
+            self.cache.reset()
+        else:
+            self.cache = None
+            self.cache = self.harness.new_cache(self.spec)
+        self.position = 0
+        self.build_s = 0.0
 
 
 @dataclass
-class _Stream:
-    """State of one method's stream through the text."""
+class Point:
+    """What an OOM guard knows: the point the stream is heading for, and the failed record if it ran out."""
 
-    spec: MethodSpec
-    cache: object
-    position: int = 0  # tokens of context fed so far
-    forwards: int = 0
-    build_s: float = 0.0  # time spent building the context so far
-    nll_sum: float = 0.0
-    nll_count: int = 0
+    length: int
+    batch_size: int
+    failed: dict | None = None
 
 
-class RunInterrupted(Exception):
-    """The user asked the run to stop (Ctrl-C); everything finished is already written."""
+class Harness:
+    """Runs streams for one run: shared by every method, and by every point of a method."""
 
-
-class SweepRunner:
-    def __init__(self, config: RunConfig, model, tokens: torch.Tensor, writer, *, score: bool,
-                 on_progress: ProgressCallback | None = None,
-                 stop_requested: Callable[[], bool] = lambda: False,
-                 finished: "FinishedPoints | None" = None):
-        """tokens: [batch, >= config.tokens_needed] teacher-forcing text. score: compute NLL (real weights).
-
-        stop_requested is polled after every forward (Ctrl-C). finished says which points
-        a resumed run already has; by default, those in the writer's file.
-        """
+    def __init__(self, config: RunConfig, model, writer, *, pretrained: bool = True,
+                 progress: Progress | None = None, stop_requested: Callable[[], bool] = lambda: False):
+        """pretrained: real weights, so that a negative log-likelihood means something."""
         self.config = config
-        self.stop_requested = stop_requested
-        self.finished = finished if finished is not None else FinishedPoints.from_records(writer.records)
         self.model = model
-        self.device = next(model.parameters()).device
-        self.tokens = tokens.to(self.device)
         self.writer = writer
-        self.score = score
-        self.on_progress = on_progress or (lambda method, tokens: None)
+        self.pretrained = pretrained
+        self.progress = progress or Progress()
+        self.stop_requested = stop_requested
+        self.device = next(model.parameters()).device
+        self.cache_argument = cache_argument(model)
         self.sampler = MemorySampler(self.device)
+        self.ranks = None  # --tp: this process's rank (distributed.py)
+        if config.tp > 1:
+            from .distributed import current
+
+            self.ranks = current()
         self.budget = None
         if config.max_memory is not None:
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            weights = sum(p.numel() * p.element_size() for p in model.parameters()) if self.ranks is None else \
+                self.ranks.weight_bytes(model)  # with --tp, the budget is per rank
             self.budget = MemoryBudget(config.max_memory, base_bytes=weights)
-        self.cache_argument = cache_argument(model)
         self.compiled_decode = CompiledDecode(model, self.cache_argument) if config.compile else None
+        self.current: Stream | None = None
+        self._samples: list[dict] = []
+        self._load_peak: float | None = None
         self._started = time.perf_counter()
 
-    # -- one forward ---------------------------------------------------------------
+    # -- streams -------------------------------------------------------------------
 
-    def _forward(self, stream: _Stream, start: int, end: int, phase: str, *, compiled: bool = False) -> float:
-        """Feed tokens [start, end) and return the forward's wall time in seconds.
+    def new_cache(self, spec: MethodSpec):
+        return make_run_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy,
+                              seed=self.config.seed)
 
-        compiled: a decode step through `--compile`'s compiled step (eager where it does not apply)."""
-        ids = self.tokens[:, start:end]
-        keep = 0 if self.score else 1  # all logits only when they are scored (see DESIGN: logits_to_keep)
-        synchronize(self.device)
-        began = time.perf_counter()
-        with torch.no_grad():
-            if compiled and self.compiled_decode is not None:
-                logits = self.compiled_decode(stream.cache, ids)
-            else:
-                logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep,
-                                    **{self.cache_argument: stream.cache}).logits
-        synchronize(self.device)
-        elapsed = time.perf_counter() - began
-        if self.score:
-            self._accumulate_nll(stream, logits, start, end)
-        del logits
-        stream.position = end
-        stream.forwards += 1
-        stream.build_s += elapsed
-        sample = self.sampler.sample(cache_bytes(stream.cache))
-        self._samples.append(
-            {"method": stream.spec.name, "step": stream.forwards, "tokens_seen": end, "phase": phase,
-             "elapsed_s": time.perf_counter() - self._started, **sample}
-        )
-        if self.budget is not None:
-            self.budget.check(sample)
-        self.on_progress(stream.spec.name, end - start)
-        if self.stop_requested():
-            raise RunInterrupted(f"stopped by the user at {end} tokens of {stream.spec.name}")
-        return elapsed
-
-    def _accumulate_nll(self, stream: _Stream, logits: torch.Tensor, start: int, end: int) -> None:
-        # Position i predicts token i + 1; the text holds one token past the last forward.
-        targets = self.tokens[:, start + 1 : end + 1]
-        logits = logits[:, : targets.shape[1]]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="sum")
-        stream.nll_sum += nll.item()
-        stream.nll_count += targets.numel()
-
-    # -- a method ------------------------------------------------------------------
-
-    def _new_cache(self, spec: MethodSpec):
-        return make_run_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy)
-
-    def _start_stream(self, spec: MethodSpec) -> _Stream:
-        """A new stream, after a short warm-up so the first measured forward pays no one-off start-up costs."""
-        cache = self._new_cache(spec)
+    def open(self, spec: MethodSpec, tokens: torch.Tensor) -> Stream:
+        """A new stream over tokens [batch, n], after a warm-up on them, in a new measuring window."""
+        self.current = None
+        free_memory(self.device)
+        tokens = tokens.to(self.device)
+        cache = self.new_cache(spec)
         if self.compiled_decode is not None and spec.is_compressed:
             # Warm up (compile, record CUDA graphs) on the stream's own cache, then empty it:
             # its buffers keep the shapes and addresses the compiled step was made for.
-            self._warm_up_compiled(cache)
+            self._warm_up_compiled(cache, tokens)
             cache.reset()
         else:
-            self._warm_up(self._new_cache(spec))
-        return _Stream(spec, cache)
+            self._warm_up(self.new_cache(spec), tokens)
+        self.new_window()
+        self.current = Stream(self, spec, cache, tokens)
+        return self.current
 
-    def _warm_up(self, cache) -> None:
-        ids = self.tokens[:, : _WARMUP_TOKENS + 2]
+    def _warm_up(self, cache, tokens: torch.Tensor) -> None:
+        """A short unmeasured stream, so that the first measured forward pays no one-off start-up costs."""
+        prefill = max(1, min(_WARMUP_TOKENS, tokens.shape[1] - 2))
         with torch.no_grad():
-            self.model(input_ids=ids[:, :_WARMUP_TOKENS], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
-            for t in range(_WARMUP_TOKENS, _WARMUP_TOKENS + 2):
-                self.model(input_ids=ids[:, t : t + 1], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
+            self.model(input_ids=tokens[:, :prefill], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
+            for t in range(prefill, min(prefill + 2, tokens.shape[1])):
+                self.model(input_ids=tokens[:, t : t + 1], use_cache=True, logits_to_keep=1,
+                           **{self.cache_argument: cache})
         synchronize(self.device)
 
-    def _warm_up_compiled(self, cache) -> None:
-        """Fill the cache in prefill-sized chunks until decode steps compile, then run a few."""
-        available = self.tokens.shape[1] - _COMPILED_WARMUP_STEPS
+    def _warm_up_compiled(self, cache, tokens: torch.Tensor) -> None:
+        """Fill the cache in chunks until decode steps compile, then run a few."""
+        available = tokens.shape[1] - _COMPILED_WARMUP_STEPS
         position = 0
         with torch.no_grad():
-            while not CompiledDecode.compiles(cache, self.tokens[:, :1]) and position < available:
+            while not CompiledDecode.compiles(cache, tokens[:, :1]) and position < available:
                 end = min(position + self.config.chunk, available)
-                self.model(input_ids=self.tokens[:, position:end], use_cache=True, logits_to_keep=1,
+                self.model(input_ids=tokens[:, position:end], use_cache=True, logits_to_keep=1,
                            **{self.cache_argument: cache})
                 position = end
             for _ in range(_COMPILED_WARMUP_STEPS):
-                self.compiled_decode(cache, self.tokens[:, position : position + 1])
+                self.compiled_decode(cache, tokens[:, position : position + 1])
                 position += 1
         synchronize(self.device)
 
-    def _checkpoint(self, stream: _Stream, length: int) -> dict | None:
-        """Bring the context to `length`, then run the decode steps; return the record.
+    # -- every forward ---------------------------------------------------------------
 
-        A point a resumed run already has is not measured again: its decode-step tokens
-        are fed as one chunk, so the context that follows is the same text.
-        """
-        config = self.config
-        while stream.position < length:
-            self._forward(stream, stream.position, min(stream.position + config.chunk, length), "prefill")
-        if (stream.spec.name, length) in self.finished.points:
-            self._forward(stream, length, length + config.decode_steps, "prefill")
-            return None
-        step_times = []
-        ttft_s = attn_s = None
-        for step in range(config.decode_steps):
-            start = stream.position
-            if step == config.decode_steps - 1:
-                with AttentionTimer(self.model, self.device) as timer:  # eager: it times inside the model
-                    self._forward(stream, start, start + 1, "decode")
-                attn_s = timer.total_s
-            else:
-                build_before = stream.build_s
-                # The first token (TTFT) is the prompt's; the compiled step times the ones after.
-                elapsed = self._forward(stream, start, start + 1, "decode", compiled=step > 0)
-                if step == 0:
-                    ttft_s = build_before + elapsed
-                else:
-                    step_times.append(elapsed * 1000)
-        tpot_median = statistics.median(step_times)
-        peak = self.sampler.peak_record()
-        cache = stream.cache
-        perplexity = nll_mean = None
-        if stream.nll_count:
-            nll_mean = stream.nll_sum / stream.nll_count
-            perplexity = math.exp(nll_mean)
-        return {
-            "method": stream.spec.name,
-            "length": length,
-            "status": "ok",
-            "batch_size": config.batch_size,
-            "ttft_s": ttft_s,
-            "tpot_ms_median": tpot_median,
-            "tpot_ms_p90": percentile(step_times, 0.9),
-            "throughput_tok_s": config.batch_size * 1000.0 / tpot_median,
-            "attn_ms_mean": attn_s * 1000,
-            **peak,
-            "cache_bytes": cache_bytes(cache),
-            "cache_tokens": cached_tokens(cache),
-            "nll_mean": nll_mean,
-            "perplexity": perplexity,
-            "tokens_scored": stream.nll_count or None,
-            "error": None,
-        }
+    def after_forward(self, stream: Stream, count: int, phase: str) -> None:
+        sample = self.sampler.sample(cache_bytes(stream.cache))
+        self._samples.append({"method": stream.spec.name, "step": stream.forwards,
+                              "tokens_seen": stream.position, "phase": phase,
+                              "elapsed_s": time.perf_counter() - self._started, **sample})
+        if hasattr(os, "getloadavg"):
+            load = os.getloadavg()[0]
+            self._load_peak = load if self._load_peak is None else max(self._load_peak, load)
+        if self.budget is not None:
+            self.budget.check(sample)
+        self.progress.advance(count)
+        if self.stop_requested():
+            raise RunInterrupted(f"stopped by the user at {stream.position} tokens of {stream.spec.name}")
 
-    def run_method(self, spec: MethodSpec, lengths: tuple[int, ...]) -> list[dict]:
-        """Measure `spec` at each of `lengths`; returns the records written (an OOM ends it early)."""
-        if self.finished.covers(spec.name, lengths):
-            return []
-        self._free()
-        self._samples: list[dict] = []
-        stream, records, failure, heading_for = None, [], None, lengths[0]
-        try:
-            # Inside the try: a warm-up that runs out of memory is a result like any other.
-            stream = self._start_stream(spec)
-            self.sampler.reset_peak()
-            for length in lengths:
-                heading_for = length
-                record = self._checkpoint(stream, length)
-                self._flush_samples()
-                if record is not None:
-                    records.append(self.writer.add_record(record))
-        except torch.OutOfMemoryError as error:
-            # Keep only the message: the exception's frames hold the cache and activations alive.
-            failure = str(error).splitlines()[0] if str(error) else "out of memory"
-        finally:
-            self._flush_samples()
-        if failure is not None:
-            tokens_seen = stream.position if stream is not None else 0
-            stream = None
-            self._free()
-            self.writer.add_event({"method": spec.name, "type": "oom", "length": heading_for,
-                                   "tokens_seen": tokens_seen, "message": failure})
-            records.append(self.writer.add_record(self._failed_record(spec, heading_for, failure)))
-        return records
-
-    def _failed_record(self, spec: MethodSpec, length: int, message: str) -> dict:
-        record = dict.fromkeys(RECORD_FIELDS, None)
-        record.update(method=spec.name, length=length, status="oom", batch_size=self.config.batch_size, error=message)
-        return record
-
-    def _flush_samples(self) -> None:
+    def flush_samples(self) -> None:
         if self._samples:
             self.writer.add_samples(self._samples)
             self._samples = []
 
-    def _free(self) -> None:
-        free_memory(self.device)
+    # -- measuring windows -------------------------------------------------------------
+
+    def new_window(self) -> None:
+        """Start the peaks (memory, load) that the next record reports."""
+        self.sampler.reset_peak()
+        self._load_peak = None
+
+    def measurements(self, stream: Stream, step_ms: list[float]) -> dict:
+        """The record fields every command measures the same way: timing and how stable it
+        was (load since the last record), peak memory since new_window(), the cache's size now."""
+        timing = timing_stats(step_ms)
+        load = self._load_peak / (os.cpu_count() or 1) if self._load_peak is not None else None
+        self._load_peak = None  # the next record's load is its own point's
+        unstable = None
+        if timing["tpot_spread"] is not None:
+            unstable = timing["tpot_spread"] > UNSTABLE_SPREAD or (load is not None and load > UNSTABLE_LOAD)
+        measured = {**timing, "load_per_core": load, "timing_unstable": unstable, **self.sampler.peak_record(),
+                    "cache_bytes": cache_bytes(stream.cache), "cache_tokens": cached_tokens(stream.cache)}
+        # --tp: memory summed over the ranks, each rank's own in a "ranks" event (distributed.py)
+        return measured if self.ranks is None else self.ranks.combine(stream, measured, self.writer)
+
+    # -- the one OOM guard ---------------------------------------------------------------
+
+    @contextmanager
+    def guard(self, spec: MethodSpec, *, length: int, batch_size: int = 1) -> Iterator[Point]:
+        """Runs the body; a real OOM or the --max-memory budget becomes one "oom" event and one
+        failed record at point.length (set it as the stream heads for each point)."""
+        point = Point(length, batch_size)
+        try:
+            yield point
+        except torch.OutOfMemoryError as error:
+            # Keep only the message: the exception's frames hold the cache and activations alive.
+            message = str(error).splitlines()[0] if str(error) else "out of memory"
+            tokens_seen = self.current.position if self.current is not None else 0
+            self.current = None
+            free_memory(self.device)
+            self.writer.add_event({"method": spec.name, "type": "oom", "length": point.length,
+                                   "batch_size": batch_size, "tokens_seen": tokens_seen, "message": message})
+            record = dict.fromkeys(RECORD_FIELDS, None)
+            record.update(method=spec.name, length=point.length, status="oom", batch_size=batch_size, error=message)
+            point.failed = self.writer.add_record(record)
+        finally:
+            self.flush_samples()

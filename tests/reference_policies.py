@@ -2,17 +2,24 @@
 
 It runs a Llama-family model by hand with eager attention, one (sequence, KV head)
 at a time, keeping an explicit list of cached entries with their absolute position,
-pre-RoPE key, value and accumulated attention. Nothing is vectorised, nothing is
-preallocated, nothing moves in place: it is the policy as the papers describe it.
+pre-RoPE key, value and score. Nothing is vectorised, nothing is preallocated, nothing
+moves in place: it is each policy as its paper describes it.
 
 Semantics shared with kvstress's caches (and stated here so a reader can check them):
   * a forward of q tokens attends over the kept entries plus the q new ones
     (causal among the new ones), then evicts down to `capacity` if the cache holds
     more than `capacity + lazy`;
-  * StreamingLLM evicts the oldest entries that are not sinks;
-  * H2O evicts the entries with the least accumulated attention, summed over the
-    queries of a forward and the query heads of the KV group, never a sink
-    (position < sink) nor one of the `window` most recent tokens;
+  * sinks (position < sink) are never evicted, nor, where the policy has a window,
+    the `window` most recent tokens;
+  * StreamingLLM evicts the oldest entries;
+  * H2O evicts the least accumulated attention, summed over the queries of every
+    forward so far and the query heads of the KV group;
+  * TOVA evicts the least attention from the forward's last query, summed over the
+    query heads of the KV group (no window: the newest token competes too);
+  * key norm evicts the largest L2 norm of the key as cached (rotated at its absolute
+    position in "original" mode, unrotated in "shifted" mode);
+  * random eviction evicts the lowest of a hash of (seed, tokens seen, lane, position),
+    computed here with Python integers wrapped to 64 bits;
   * positions "original" rotate keys and queries at absolute positions, "shifted" at
     their rank among the entries attention sees.
 """
@@ -22,6 +29,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+_MASK = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """`value` wrapped to a signed 64-bit integer, as torch's int64 arithmetic wraps."""
+    value &= _MASK
+    return value - (1 << 64) if value >> 63 else value
+
+
+def random_priority(seed: int, seen: int, lane: int, position: int) -> int:
+    """splitmix64's finaliser over the policy's hash input (see kvstress/caches/random_eviction.py)."""
+    x = _int64(position * 0x9E3779B1 + seen * 0x85EBCA77 + lane * 0xC2B2AE3D + (seed % (1 << 32)) * 0x27D4EB2F)
+    x = _int64((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9)
+    x = _int64((x ^ (x >> 27)) * 0x94D049BB133111EB)
+    return x ^ (x >> 31)
 
 
 @dataclass
@@ -33,14 +56,15 @@ class Entry:
 
 
 class ReferencePolicyModel:
-    def __init__(self, model, method: str, capacity: int, sink: int, window: int = 0, positions="original", lazy=0):
+    def __init__(self, model, spec, positions="original", lazy=0, seed=0):
         self.model = model
-        self.method = method
-        self.capacity = capacity
-        self.sink = sink
-        self.window = window
+        self.method = spec.method
+        self.capacity = spec.capacity
+        self.sink = spec.sink
+        self.window = spec.window
         self.shifted = positions == "shifted"
         self.lazy = lazy
+        self.seed = seed
         config = model.config
         self.kv_heads = config.num_key_value_heads
         self.heads = config.num_attention_heads
@@ -82,9 +106,12 @@ class ReferencePolicyModel:
                     ]
                     candidates = kept + new
                     ranks = {e.position: r for r, e in enumerate(sorted(candidates, key=lambda e: e.position))}
-                    rope_position = (lambda e: ranks[e.position]) if self.shifted else (lambda e: e.position)
-                    key_matrix = torch.stack([self.rope(e.raw_key, rope_position(e)) for e in candidates])
+                    key_positions = [ranks[e.position] if self.shifted else e.position for e in candidates]
+                    key_matrix = torch.stack([self.rope(e.raw_key, p) for e, p in zip(candidates, key_positions)])
                     value_matrix = torch.stack([e.value for e in candidates])
+                    if self.method == "tova":  # only this forward's last query counts
+                        for entry in candidates:
+                            entry.score = 0.0
                     for head in range(kv_head * group, (kv_head + 1) * group):
                         for i in range(length):
                             query_position = (len(kept) + i) if self.shifted else (self.seen + i)
@@ -93,8 +120,17 @@ class ReferencePolicyModel:
                             logits = (key_matrix[:visible] @ query) * attention.scaling
                             probs = logits.softmax(dim=-1)
                             out[b, i, head] = probs @ value_matrix[:visible]
-                            for entry, p in zip(candidates[:visible], probs.tolist()):
-                                entry.score += p
+                            if self.method == "h2o" or (self.method == "tova" and i == length - 1):
+                                for entry, p in zip(candidates[:visible], probs.tolist()):
+                                    entry.score += p
+                    if self.method == "knorm":  # the norm of the key as the cache holds it
+                        for entry in candidates:
+                            cached = entry.raw_key if self.shifted else self.rope(entry.raw_key, entry.position)
+                            entry.score = -cached.norm().item()
+                    if self.method == "random":
+                        lane = (layer_idx * batch + b) * self.kv_heads + kv_head
+                        for entry in candidates:
+                            entry.score = random_priority(self.seed, self.seen + length, lane, entry.position)
                     self.entries[layer_idx][b][kv_head] = self._evict(candidates, self.seen + length)
             attended = attention.o_proj(out.reshape(batch, length, -1))
             hidden = hidden + attended
@@ -106,13 +142,13 @@ class ReferencePolicyModel:
         if len(candidates) <= self.capacity + self.lazy:
             return candidates
         excess = len(candidates) - self.capacity
+        evictable = [e for e in candidates if self.sink <= e.position < seen - self.window]
         if self.method == "streaming":
-            evictable = [e for e in candidates if e.position >= self.sink]
-            victims = {e.position for e in sorted(evictable, key=lambda e: e.position)[:excess]}
+            victims = sorted(evictable, key=lambda e: e.position)[:excess]
         else:
-            evictable = [e for e in candidates if self.sink <= e.position < seen - self.window]
-            victims = {e.position for e in sorted(evictable, key=lambda e: e.score)[:excess]}
-        return [e for e in candidates if e.position not in victims]
+            victims = sorted(evictable, key=lambda e: e.score)[:excess]
+        gone = {e.position for e in victims}
+        return [e for e in candidates if e.position not in gone]
 
     def kept_positions(self, layer_idx: int) -> list[list[list[int]]]:
         return [[sorted(e.position for e in head) for head in seq] for seq in self.entries[layer_idx]]

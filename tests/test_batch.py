@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 from kvstress.batch import find_max_batch
 from kvstress.cli import app
-from kvstress.config import RunConfig
-from kvstress.models import load_model, tokenize_text, ByteTokenizer
+from kvstress.config import SweepConfig
+from kvstress.models import ByteTokenizer, load_model, tokenize_text
 from kvstress.plot import build_batch_figure
 from kvstress.results import ResultsWriter, load_results
 from kvstress.spec import parse_spec
-from kvstress.stream import SweepRunner
+from kvstress.stream import Harness
+from kvstress.sweep import run_checkpoints
 from kvstress.texts import text_segments
 
 runner = CliRunner()
@@ -131,21 +132,21 @@ def test_batched_h2o_keeps_per_sequence_what_it_keeps_alone(tmp_path, text_file)
             if "q_proj" in name or "k_proj" in name:
                 parameter.mul_(8)
     spec = parse_spec("h2o_2_6_24")
-    config = RunConfig(methods=(spec,), lengths=(100,), chunk=16, decode_steps=4, batch_size=2, out=tmp_path / "r.json")
+    config = SweepConfig(methods=(spec,), lengths=(100,), chunk=16, decode_steps=4, batch_size=2, out=tmp_path / "r.json")
     ids = tokenize_text(ByteTokenizer(), text_file.read_text())
     tokens = text_segments(ids, 2, config.tokens_needed)
     assert not torch.equal(tokens[0], tokens[1])
 
-    class KeepCache(SweepRunner):
-        def _new_cache(self, spec):
-            self.cache = super()._new_cache(spec)  # the last one made is the measured stream's
+    class KeepCache(Harness):
+        def new_cache(self, spec):
+            self.cache = super().new_cache(spec)  # the last one made is the measured stream's
             return self.cache
 
     def run(batch_tokens, name):
         run_config = replace(config, batch_size=batch_tokens.shape[0])
         writer = ResultsWriter(tmp_path / f"{name}.json", "batch", {}, {})
-        measured = KeepCache(run_config, loaded.model, batch_tokens, writer, score=False)
-        assert measured.run_method(spec, run_config.lengths)[-1]["status"] == "ok"
+        measured = KeepCache(run_config, loaded.model, writer, pretrained=False)
+        assert run_checkpoints(measured, spec, batch_tokens, run_config)[-1]["status"] == "ok"
         return measured.cache
 
     batched = run(tokens, "both")
@@ -204,7 +205,7 @@ def test_find_max_batch_doubles_then_bisects(tmp_path, text_file, budget):
 @pytest.mark.parametrize("limit", [1, 2, 3, 7, 8, 12, 64])
 def test_find_max_batch_search_finds_the_boundary(limit):
     for largest_fit in range(0, limit + 3):
-        found, first_fail, probes = find_max_batch(lambda b: b <= largest_fit, limit)
+        found, first_fail, probes = find_max_batch(lambda b, fit=largest_fit: b <= fit, limit)
         expected = min(largest_fit, limit)
         assert found == (expected or None)
         assert first_fail == (largest_fit + 1 if largest_fit < limit else None)

@@ -1,21 +1,22 @@
-"""The cache policies: exactness, what they keep, memory, generate.
+"""The fixed-capacity cache policies: exactness, what they keep, memory, generate.
 
 One table of specs runs through every generic test. The model is a tiny random Llama
 with grouped-query attention (`peaked_llama` in conftest.py), in float32 on CPU.
+The registry, the quantized cache and the plugin API: test_policies.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from reference_policies import ReferencePolicyModel
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from kvstress import make_cache
 from kvstress.caches import cache_bytes
 from kvstress.spec import MethodSpec, SpecError, parse_spec
-
-from reference_policies import ReferencePolicyModel
+from kvstress.stream import cache_argument
 
 # Every compressed policy × position mode; the sizes let a short text overflow them.
 COMPRESSED = [
@@ -25,6 +26,15 @@ COMPRESSED = [
     ("h2o_2_6_24", "original"),
     ("h2o_2_6_24", "shifted"),
     ("h2o_0_1_16", "original"),
+    ("tova_2_24", "original"),
+    ("tova_2_24", "shifted"),
+    ("tova_0_16", "original"),
+    ("knorm_2_6_24", "original"),
+    ("knorm_2_6_24", "shifted"),
+    ("knorm_0_0_16", "original"),
+    ("random_2_6_24", "original"),
+    ("random_2_6_24", "shifted"),
+    ("random_0_0_16", "original"),
 ]
 COMPRESSED_IDS = [f"{spec}-{positions}" for spec, positions in COMPRESSED]
 
@@ -39,10 +49,15 @@ def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=generator)
 
 
+def with_cache(model, cache) -> dict:
+    """The forward's (and generate's) cache keyword, whichever name this transformers uses."""
+    return {cache_argument(model): cache}
+
+
 @torch.no_grad()
 def stream(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     """Feed ids chunk by chunk through the model with `cache`; logits for every position."""
-    logits = [model(ids[:, i : i + chunk], past_key_values=cache).logits for i in range(0, ids.shape[1], chunk)]
+    logits = [model(ids[:, i : i + chunk], **with_cache(model, cache)).logits for i in range(0, ids.shape[1], chunk)]
     return torch.cat(logits, dim=1)
 
 
@@ -166,16 +181,15 @@ def test_lazy_streaming_runs_over_by_the_buffer_then_evicts_it_at_once(model):
 @pytest.mark.parametrize("chunk, lazy", [(1, 0), (6, 0), (1, 5)])
 def test_policy_matches_reference_implementation(model, spec, positions, chunk, lazy):
     """Kept positions and logits equal a slow eager reference, batch 2 with different texts, GQA."""
-    parsed = parse_spec(spec)
-    reference = ReferencePolicyModel(
-        model, parsed.method, parsed.capacity, parsed.sink, parsed.window, positions=positions, lazy=lazy
-    )
-    cache = make_cache(spec, model, positions=positions, lazy=lazy)
-    ids = torch.stack([token_ids(1, 66, seed=3)[0], token_ids(1, 66, seed=4)[0]])
+    reference = ReferencePolicyModel(model, parse_spec(spec), positions=positions, lazy=lazy, seed=7)
+    cache = make_cache(spec, model, positions=positions, lazy=lazy, seed=7)
+    # No token twice in a sequence: two copies of a token have the same first-layer key up
+    # to RoPE, which preserves norms, so key norm would tie them and rounding would decide.
+    ids = torch.stack([torch.randperm(256, generator=torch.Generator().manual_seed(s))[:66] for s in (3, 4)])
     with torch.no_grad():
         for i in range(0, ids.shape[1], chunk):
             expected = reference.forward(ids[:, i : i + chunk])
-            actual = model(ids[:, i : i + chunk], past_key_values=cache).logits
+            actual = model(ids[:, i : i + chunk], **with_cache(model, cache)).logits
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     for layer in range(2):
         assert cache.kept_positions(layer).tolist() == reference.kept_positions(layer)
@@ -208,7 +222,7 @@ def test_decode_scoring_matches_the_chunk_scoring_it_shortcuts(model, batch, row
     """A decode step folds RoPE and the softmax scale into one matrix and scores all layers'
     queries with bmm; it must give what the general (prefill) path gives."""
     from kvstress.caches.base import apply_rotary, scaled_rotation
-    from kvstress.caches.h2o import attention_mass, decode_attention_mass
+    from kvstress.caches.scored import attention_mass, decode_attention_mass
 
     generator = torch.Generator().manual_seed(3)
     heads, kv_heads, dim, total, scaling = 4, 2, 16, 37, 0.25
@@ -274,7 +288,7 @@ def test_generate_runs_and_ends_at_capacity(model, spec, positions):
     cache = make_cache(spec, model, positions=positions)
     prompt = token_ids(2, 20)
     out = model.generate(
-        prompt, past_key_values=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0
+        prompt, **with_cache(model, cache), max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0
     )
     assert out.shape == (2, 50)
     assert all(layer.kept == capacity_of(spec) for layer in cache.layers)
@@ -284,7 +298,7 @@ def test_generate_runs_and_ends_at_capacity(model, spec, positions):
 def test_generate_with_capacity_above_length_matches_full_cache(model):
     prompt = token_ids(1, 10)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    expected = model.generate(prompt, past_key_values=DynamicCache(config=model.config), **kwargs)
-    for spec in ("streaming_4_64", "h2o_2_6_64"):
-        actual = model.generate(prompt, past_key_values=make_cache(spec, model), **kwargs)
+    expected = model.generate(prompt, **with_cache(model, DynamicCache(config=model.config)), **kwargs)
+    for spec in ("streaming_4_64", "h2o_2_6_64", "tova_2_64", "knorm_2_6_64", "random_2_6_64"):
+        actual = model.generate(prompt, **with_cache(model, make_cache(spec, model)), **kwargs)
         assert actual.tolist() == expected.tolist()

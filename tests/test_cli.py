@@ -171,3 +171,27 @@ def test_bundled_smollm2_short_sweep(tmp_path):
     # Real weights on real text: a sane perplexity, and evicting costs some of it.
     assert all(math.isfinite(v) and 1 < v < 200 for v in ppl.values())
     assert ppl["baseline", 1024] <= ppl["streaming_4_128", 1024]
+
+
+def test_policies_lists_every_registered_policy():
+    from kvstress.spec import describe_policies
+
+    result = runner.invoke(app, ["policies"])
+    assert result.exit_code == 0, result.output
+    for policy in describe_policies():
+        assert policy.form in result.stdout and policy.example in result.stdout
+
+
+def test_sweep_with_a_policy_from_a_plugin(tmp_path, text_file, example_plugin):
+    """A policy an installed package registers (entry point group kvstress.policies) runs by name."""
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["sweep", "--model", "tiny-random", "--dataset", str(text_file), "--lengths", "128,256",
+                                 "--chunk", "32", "--decode-steps", "4", "-m", "ema_2_6_48_90", "-m", "h2o_2_6_48",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())["records"]
+    assert [(r["method"], r["length"], r["status"], r["cache_tokens"]) for r in records] == [
+        ("ema_2_6_48_90", 128, "ok", 48), ("ema_2_6_48_90", 256, "ok", 48),
+        ("h2o_2_6_48", 128, "ok", 48), ("h2o_2_6_48", 256, "ok", 48),
+    ]
+    assert "ema" in runner.invoke(app, ["policies"]).stdout

@@ -26,7 +26,13 @@ def model(peaked_llama):
     return peaked_llama
 
 
-@pytest.mark.parametrize("spec, positions", [("h2o_2_6_24", "original"), ("streaming_4_24", "shifted")])
+@pytest.mark.parametrize("spec, positions", [
+    ("h2o_2_6_24", "original"),
+    ("streaming_4_24", "shifted"),
+    ("tova_2_24", "original"),  # the attention-scored base's batched decode scoring, replacing scores
+    ("knorm_2_6_24", "original"),
+    ("random_2_6_24", "original"),
+])
 def test_compiled_decode_matches_eager_with_one_graph(model, spec, positions):
     argument = cache_argument(model)
     ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(4))

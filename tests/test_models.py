@@ -1,18 +1,32 @@
 """Tests for kvstress.models: every accepted model name, and every user mistake's message."""
 
+import importlib
 import json
+import re
 import time
+import types
+import warnings
 
+import huggingface_hub
 import pytest
 import torch
+from huggingface_hub import constants, set_client_factory
+from huggingface_hub.utils._http import default_client_factory
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
-from transformers import BertConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from kvstress import models
 from kvstress.models import (
     ByteTokenizer,
     ModelLoadError,
+    cache_argument,
     describe_model_names,
     load_model,
     load_tokenizer,
@@ -29,6 +43,92 @@ def offline_hub(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+# The HTTP library huggingface_hub is built on: httpx2 from 2.0, httpx in 1.x (the
+# huggingface_hub that transformers 5.17 requires).
+http = importlib.import_module(
+    "httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx"
+)
+
+
+class FakeHub:
+    """huggingface.co's HTTP answers, served to huggingface_hub's own client: no network.
+
+    The hub's client turns them into its real error classes (it reads X-Error-Code) and
+    transformers re-raises those as it does for the real hub. As the hub does: a gated
+    repository's files answer 401 GatedRepo without a token, 403 with one that has no
+    access; an id that does not exist answers RepoNotFound (401 without a token, 404 with
+    one); a token the hub does not know answers 401 "Invalid credentials"; a missing file
+    answers 404 EntryNotFound; model info of a gated repository is public.
+    """
+
+    VALID_TOKEN = "hf_valid"
+
+    def __init__(self):
+        self.files: dict[str, dict[str, bytes]] = {}  # repository → file name → content
+        self.gated: set[str] = set()
+        self.paths: list[str] = []  # every request's path, in order
+
+    def add(self, repo: str, files: dict[str, bytes], *, gated: bool = False) -> None:
+        self.files[repo] = files
+        if gated:
+            self.gated.add(repo)
+
+    def __call__(self, request: http.Request) -> http.Response:
+        self.paths.append(request.url.path)
+        token = request.headers.get("authorization", "").removeprefix("Bearer ") or None
+        if token is not None and token != self.VALID_TOKEN:
+            return self._error(request, 401, None, "Invalid credentials in Authorization header")
+        api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/tree/.*)?(/revision/.*)?", request.url.path)
+        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", request.url.path)
+        repo = (api or resolve)[1] if (api or resolve) else None
+        if repo is None:
+            return http.Response(404, request=request)
+        if repo not in self.files:
+            status = 404 if token else 401
+            return self._error(request, status, "RepoNotFound", "Repository not found")
+        if api and api[2]:  # the file listing
+            listing = [
+                {"type": "file", "path": name, "size": len(content), "oid": "0" * 40}
+                for name, content in self.files[repo].items()
+            ]
+            return http.Response(200, json=listing, request=request)
+        if api:
+            info = {"id": repo, "gated": repo in self.gated}
+            return http.Response(200, json=info, request=request)
+        if repo in self.gated:
+            message = f"Access to model {repo} is restricted."
+            return self._error(request, 403 if token else 401, "GatedRepo", message)
+        content = self.files[repo].get(resolve[2])
+        if content is None:
+            return self._error(request, 404, "EntryNotFound", "Entry not found")
+        headers = {"X-Repo-Commit": "0" * 40, "ETag": f'"{hash(content)}"'}
+        return http.Response(200, content=content, headers=headers, request=request)
+
+    @staticmethod
+    def _error(request, status: int, code: str | None, message: str) -> http.Response:
+        headers = {"X-Error-Message": message} | ({"X-Error-Code": code} if code else {})
+        return http.Response(status, headers=headers, request=request)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A FakeHub answering every request of huggingface_hub; logged out, empty hub cache."""
+    hub = FakeHub()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    models._probe_hub.cache_clear()  # "is the hub there?" is asked of the fake hub
+    set_client_factory(lambda: http.Client(transport=http.MockTransport(hub)))
+    yield hub
+    set_client_factory(default_client_factory)
+    models._probe_hub.cache_clear()
+
+
+def config_file(config) -> dict[str, bytes]:
+    return {"config.json": config.to_json_string().encode()}
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
@@ -240,6 +340,151 @@ def test_declared_offline_mode_counts_as_unreachable(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert models.hub_unreachable_reason() == "HF_HUB_OFFLINE is set"
+
+
+# --- the hub's answers ----------------------------------------------------------------------
+
+GATED = "meta-llama/Llama-3.2-1B"
+
+
+def load_error(name: str, **kwargs) -> str:
+    with pytest.raises(ModelLoadError) as err:
+        load_model(name, device="cpu", **kwargs)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_gated_model_without_a_token_says_accept_and_log_in(fake_hub):
+    fake_hub.add(GATED, config_file(LlamaConfig()), gated=True)
+    assert load_error(GATED) == (
+        f"{GATED} is a gated model and you are not logged in to Hugging Face: accept its "
+        f"licence on https://huggingface.co/{GATED}, then log in with `hf auth login` or set "
+        "HF_TOKEN"
+    )
+
+
+def test_gated_model_without_access_says_accept_the_licence(fake_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FakeHub.VALID_TOKEN)
+    fake_hub.add(GATED, config_file(LlamaConfig()), gated=True)
+    assert load_error(GATED).startswith(
+        f"{GATED} is a gated model and your Hugging Face account has no access to it yet: "
+        f"accept its licence on https://huggingface.co/{GATED} "
+    )
+
+
+def test_typo_without_a_token_says_check_the_id_or_log_in(fake_hub):
+    assert load_error("meta-lama/Llama-3.2-1B") == (
+        "there is no model 'meta-lama/Llama-3.2-1B' on the Hugging Face hub, or it is private "
+        "and you are not logged in: check the id for typos, or log in with `hf auth login` "
+        "or set HF_TOKEN"
+    )
+
+
+def test_typo_with_a_token_says_check_the_id(fake_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FakeHub.VALID_TOKEN)
+    assert load_error("Qwen/Qwen2.5-0.5B-Instrutc") == (
+        "there is no model 'Qwen/Qwen2.5-0.5B-Instrutc' on the Hugging Face hub that your token "
+        "can see: check the id for typos "
+        "(https://huggingface.co/models?search=Qwen2.5-0.5B-Instrutc)"
+    )
+
+
+def test_refused_token_says_log_in_again(fake_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_expired")
+    fake_hub.add("Qwen/Qwen2.5-0.5B", config_file(LlamaConfig()))
+    assert load_error("Qwen/Qwen2.5-0.5B") == (
+        "the Hugging Face hub refused your token when loading Qwen/Qwen2.5-0.5B: log in with "
+        "`hf auth login` or set HF_TOKEN with a valid token"
+    )
+
+
+def test_hub_encoder_is_not_a_causal_lm(fake_hub):
+    bert = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    fake_hub.add("google-bert/bert-base-uncased", config_file(bert))
+    assert load_error("google-bert/bert-base-uncased").startswith(
+        "google-bert/bert-base-uncased (bert) is not a causal language model: use a "
+        "decoder-only model"
+    )
+
+
+def test_hub_repo_without_config_is_not_a_transformers_model(fake_hub):
+    fake_hub.add("someone/SmolLM2-GGUF", {"model.Q4_0.gguf": b"GGUF"})
+    assert load_error("someone/SmolLM2-GGUF") == (
+        "cannot load model 'someone/SmolLM2-GGUF': it has no config.json with a model_type, so "
+        "it is not a transformers model (a GGUF-only or adapter repository?): use the id of the "
+        "transformers checkpoint it comes from, smollm2-135m or random:<arch>"
+    )
+
+
+def test_unknown_model_type_says_upgrade_transformers(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama9", "hidden_size": 8}))
+    assert re.fullmatch(
+        r"cannot load model '.*': its model type 'llama9' is unknown to transformers [\d.]+: "
+        r"upgrade it with pip install --upgrade transformers \(.*\)",
+        load_error(str(tmp_path)),
+    )
+
+
+# --- too large for the device ----------------------------------------------------------------
+
+
+@pytest.fixture
+def ram_free(monkeypatch):
+    """Sets the host memory psutil reports as available, in bytes."""
+
+    def set_free(available: int) -> None:
+        memory = types.SimpleNamespace(available=available)
+        monkeypatch.setattr(models.psutil, "virtual_memory", lambda: memory)
+
+    return set_free
+
+
+def test_model_too_large_for_ram_is_refused_before_loading(ram_free):
+    # Small enough that a broken check costs half a GB, not the machine (the OS kills a
+    # process whose model does not fit). random:smollm2-135m: 134,515,008 parameters.
+    ram_free(300 * 10**6)
+    assert load_error("random:smollm2-135m", dtype="float32") == (
+        "random:smollm2-135m needs 538.06 MB for its weights alone in float32 but cpu has "
+        "300.00 MB free: use --dtype bfloat16 (needs 269.03 MB), a smaller model (e.g. "
+        "smollm2-135m or random:llama-3.2-1b), or a device with more memory"
+    )
+    ram_free(200 * 10**6)
+    assert "free: use a smaller model" in load_error("random:smollm2-135m", dtype="bfloat16")
+
+
+def test_hub_model_too_large_is_refused_before_any_download(fake_hub, ram_free):
+    ram_free(4 * 10**9)
+    config, _ = models._random_config("random:llama-3-8b")
+    fake_hub.add("meta-llama/Meta-Llama-3-8B", config_file(config))
+    assert load_error("meta-llama/Meta-Llama-3-8B").startswith(
+        "meta-llama/Meta-Llama-3-8B needs 32.12 GB for its weights alone in float32 but cpu has "
+        "4.00 GB free"
+    )
+    assert not any(path.endswith(("tokenizer.json", ".safetensors")) for path in fake_hub.paths)
+
+
+def test_model_that_fits_loads(ram_free):
+    ram_free(10**9)  # tiny-random's weights: ~0.2 MB
+    assert load_model("tiny-random", device="cpu").model.config.num_hidden_layers == 2
+
+
+# --- the cache keyword --------------------------------------------------------------------
+
+
+def test_cache_argument_is_the_name_this_transformers_prefers():
+    model = load_model("tiny-random", device="cpu").model
+    name = cache_argument(model)
+    assert name in ("cache", "past_key_values")
+    ids = torch.arange(4, 40)[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # 5.24 warns about past_key_values
+        cache = DynamicCache(config=model.config)
+        out = model.generate(ids, **{name: cache}, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)
+    assert cache.get_seq_length() == ids.shape[1] + 2  # generate used the cache it was given
 
 
 # --- the bundled model -------------------------------------------------------------------

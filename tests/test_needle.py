@@ -13,8 +13,19 @@ from kvstress.cli import app
 from kvstress.config import ConfigError
 from kvstress.models import ByteTokenizer
 from kvstress.needle import (
-    CELL_EVENT, NEEDLE, QUESTION, Haystack, NeedleRunner, PromptBuilder, answer_complete, make_trial, make_trials,
-    mean_accuracy, needle_cells, parse_depths, score_answer,
+    CELL_EVENT,
+    NEEDLE,
+    QUESTION,
+    Haystack,
+    NeedleSchedule,
+    PromptBuilder,
+    answer_complete,
+    make_trial,
+    make_trials,
+    mean_accuracy,
+    needle_cells,
+    parse_depths,
+    score_answer,
 )
 from kvstress.results import ResultsWriter
 
@@ -230,14 +241,14 @@ def test_too_short_length_is_a_one_line_error(tmp_path, text_file):
 
 
 def test_oom_records_the_cell_and_moves_to_the_next_method(tmp_path, text_file, monkeypatch):
-    answer = NeedleRunner.answer
+    answer = NeedleSchedule.answer
 
-    def fake(self, spec, trial):
-        if spec.name == "baseline" and trial.length == 192:
+    def fake(self, stream, trial):
+        if stream.spec.name == "baseline" and trial.length == 192:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return answer(self, spec, trial)
+        return answer(self, stream, trial)
 
-    monkeypatch.setattr(NeedleRunner, "answer", fake)
+    monkeypatch.setattr(NeedleSchedule, "answer", fake)
     out = tmp_path / "oom.json"
     result = runner.invoke(app, ["needle", "--model", "tiny-random", "--lengths", "128,192,256", "--depths", "0,100",
                                  "--needles", "1", "--max-new-tokens", "2", "-m", "baseline", "-m", "streaming_4_48",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,12 +13,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from kvstress.cli import app
-from kvstress.config import ConfigError
+from kvstress.config import ConfigError, PplConfig
 from kvstress.models import load_model
-from kvstress.perplexity import PerplexityRunner, PplConfig, parse_buckets
+from kvstress.perplexity import PplSchedule, parse_buckets
 from kvstress.report import split_ppl_records
 from kvstress.results import ResultsWriter, load_results
 from kvstress.spec import parse_spec
+from kvstress.stream import Harness, Stream
 
 N = 96  # tokens scored per test stream
 
@@ -45,9 +47,11 @@ def run(tmp_path, model, ids, methods, *, chunk=1, buckets=(32, 64, N), position
     config = PplConfig(methods=tuple(parse_spec(m) for m in methods), tokens=N, buckets=buckets,
                        model="tiny-random", chunk=chunk, positions=positions, out=tmp_path / "ppl.json")
     writer = ResultsWriter(config.out, "ppl", config.to_json(), {"device": "cpu"}, overwrite=True)
-    runner = PerplexityRunner(config, model, ids, writer)
+    schedule = PplSchedule(config)
+    schedule.prepare(SimpleNamespace(tokens=ids[0]), writer)
+    harness = Harness(config, model, writer)
     for spec in config.methods:
-        runner.run_method(spec)
+        schedule.run_method(harness, spec)
     writer.finish()
     return split_ppl_records(load_results(config.out))
 
@@ -115,14 +119,14 @@ def test_parse_buckets():
 
 
 def test_out_of_memory_ends_one_method_and_the_next_runs(tmp_path, model, ids, monkeypatch):
-    original = PerplexityRunner._forward
+    original = Stream.forward
 
-    def forward(self, cache, nll, start, end):
-        if type(cache).__name__ == "DynamicCache" and start >= 40:
+    def forward(self, ids, phase, **options):
+        if type(self.cache).__name__ == "DynamicCache" and self.position >= 40:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
-        return original(self, cache, nll, start, end)
+        return original(self, ids, phase, **options)
 
-    monkeypatch.setattr(PerplexityRunner, "_forward", forward)
+    monkeypatch.setattr(Stream, "forward", forward)
     buckets, overall = run(tmp_path, model, ids, ["baseline", "streaming_4_16"])
     assert [(r["method"], r["length"], r["status"]) for r in buckets] == [
         ("baseline", 32, "ok"), ("baseline", 64, "oom"),
@@ -163,7 +167,8 @@ def test_ppl_cli_end_to_end(tmp_path, text_file):
     (["--dataset", "/nonexistent/book.txt"], "no such file"),
 ])
 def test_ppl_cli_errors_are_one_line(tmp_path, args, message):
-    result = CliRunner().invoke(app, ["ppl", "--model", "tiny-random", "--tokens", "64", "--out", str(tmp_path / "p.json"), *args])
+    result = CliRunner().invoke(app, ["ppl", "--model", "tiny-random", "--tokens", "64", "--out", str(tmp_path / "p.json"),
+                                      *args])
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -179,3 +184,52 @@ def test_bundled_smollm2_ppl(tmp_path):
     _, overall = split_ppl_records(load_results(out))
     assert all(1 < r["perplexity"] < 200 for r in overall.values())
     assert overall["baseline"]["perplexity"] <= overall["streaming_4_64"]["perplexity"]
+
+
+def test_several_pg19_books_are_scored_one_by_one_and_averaged(tmp_path, monkeypatch):
+    """--books: each book is its own stream (a "ppl_book" event each); the records are the mean over
+    the books and a "ppl_books" event gives the spread."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from huggingface_hub import constants
+
+    from kvstress.perplexity import BOOK_EVENT, BOOKS_EVENT
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    copy = tmp_path / "pg19-test"
+    (copy / "data").mkdir(parents=True)
+    texts = ["Short.", "It was a dark and stormy night; the rain fell in torrents. " * 20,
+             "Call me Ishmael. Some years ago I went to sea. " * 30, "Happy families are all alike. " * 40]
+    pq.write_table(pa.table({"short_book_title": [f"Book {i}" for i in range(4)], "publication_date": [1900] * 4,
+                             "url": [f"http://www.gutenberg.org/ebooks/{100 + i}" for i in range(4)], "text": texts}),
+                   copy / "data" / "test-00000-of-00001.parquet")
+    monkeypatch.setenv("KVSTRESS_PG19_PATH", str(copy))
+    out = tmp_path / "ppl.json"
+    result = CliRunner().invoke(app, ["ppl", "--model", "tiny-random", "--dataset", "pg19", "--books", "2",
+                                      "--tokens", "96", "--buckets", "48", "--chunk", "8", "-m", "baseline",
+                                      "-m", "streaming_4_32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = load_results(out)
+    dataset = next(e for e in doc["events"] if e["type"] == "dataset")
+    assert [book["index"] for book in dataset["books"]] == [1, 2]  # book 0 is too short: never joined to the next
+    for method in ("baseline", "streaming_4_32"):
+        books = [e for e in doc["events"] if e["type"] == BOOK_EVENT and e["method"] == method]
+        assert [(e["book"]["index"], e["book"]["id"]) for e in books] == [(1, "101"), (2, "102")]
+        assert books[0]["nll_mean"] != books[1]["nll_mean"]
+        buckets, overall = split_ppl_records(doc)
+        mine = [r for r in buckets if r["method"] == method]
+        assert [r["length"] for r in mine] == [48, 96] and [r["tokens_scored"] for r in mine] == [96, 96]
+        for i, record in enumerate(mine):
+            assert record["nll_mean"] == pytest.approx((books[0]["buckets"][i]["nll_mean"]
+                                                        + books[1]["buckets"][i]["nll_mean"]) / 2, rel=1e-12)
+        assert overall[method]["nll_mean"] == pytest.approx((books[0]["nll_mean"] + books[1]["nll_mean"]) / 2)
+        assert overall[method]["tokens_scored"] == 192
+        spread = next(e for e in doc["events"] if e["type"] == BOOKS_EVENT and e["method"] == method)
+        perplexities = [e["perplexity"] for e in books]
+        assert spread["perplexity_mean"] == pytest.approx(sum(perplexities) / 2)
+        assert spread["perplexity_min"] == min(perplexities) and spread["perplexity_max"] == max(perplexities)
+        assert spread["perplexity_stdev"] > 0
+    assert "over 2 books" in result.stdout

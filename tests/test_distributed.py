@@ -1,0 +1,297 @@
+"""Tensor-parallel runs (--tp) on CPU: gloo, two processes launched by torchrun.
+
+One torchrun launch (module fixture, ~20 s on 2 cores) runs this file as a script on two
+ranks; each rank writes what it saw to JSON, and the tests read it:
+
+  equality   a tiny GQA Llama (4 query heads, 2 KV heads: each rank holds 1 KV head) with
+             peaked attention, loaded sharded (--tp 2) and unsharded in the same process:
+             logits and every layer's kept positions equal, for baseline, streaming and
+             h2o, token by token and chunk by chunk; each rank's cache is half the bytes
+  sweep      `kvstress sweep --tp 2` through the CLI, with an out-of-memory error injected
+             on rank 1 only (streaming, second checkpoint) and rank 1 made 40 ms slower per
+             forward: the OOM is recorded once, the next method runs, the step time is the
+             slowest rank's, and only rank 0 ever writes the results file
+
+A rank that dies is named by the survivor (two plain processes, no torchrun). The
+launch-time refusals (--tp outside torchrun, a world size that differs, --device-map)
+need no second process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstress.distributed import launch_problem
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+SPECS = ("baseline", "streaming_4_32", "h2o_4_8_32")
+SCHEDULES = {"tokens": [24] + [1] * 72, "chunks": [24, 8, 8, 8, 8, 8, 8, 8, 16]}  # 96 tokens, capacity 32
+SLOW_S = 0.04  # rank 1's extra time per forward in the sweep
+OOM_METHOD = "streaming_4_32"
+
+
+# -- the two ranks (this file run by torchrun) -------------------------------------------------
+
+
+def _peaked_llama(folder: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=272, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked attention, as in trained models: H2O then differs from "keep the oldest"
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    model.save_pretrained(folder)
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    # A folder loads with its tokenizer; this one is never used (the test feeds token ids).
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def _equality(out: Path, rank: int) -> dict:
+    from kvstress import distributed
+    from kvstress.caches import cache_bytes, make_cache
+    from kvstress.models import cache_argument, load_model
+
+    ranks = distributed.start(2, torch.device("cpu"))
+    folder = out / "peaked"
+    if rank == 0:
+        _peaked_llama(folder)
+    ranks.barrier()
+    whole = load_model(str(folder), device="cpu", dtype="float32").model
+    shard = load_model(str(folder), device="cpu", dtype="float32", tp=2).model
+    argument = cache_argument(whole)
+    ids = torch.randint(4, 260, (1, 96), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    for spec in SPECS:
+        for mode, sizes in SCHEDULES.items():
+            caches = [make_cache(spec, model) for model in (whole, shard)]
+            worst, kept_equal, position = 0.0, True, 0
+            with torch.no_grad():
+                for size in sizes:
+                    chunk = ids[:, position : position + size]
+                    position += size
+                    logits = [model(input_ids=chunk, use_cache=True, logits_to_keep=0, **{argument: cache}).logits
+                              for model, cache in zip((whole, shard), caches)]
+                    worst = max(worst, (logits[0] - logits[1]).abs().max().item())
+                    if hasattr(caches[1], "kept_positions"):
+                        for layer in range(2):
+                            mine = caches[1].kept_positions(layer)  # [batch, 1 KV head, kept]
+                            reference = caches[0].kept_positions(layer)[:, rank : rank + mine.shape[1]]
+                            kept_equal &= torch.equal(mine, reference)
+            compressed = hasattr(caches[1], "kept_positions")
+            seen[f"{spec}/{mode}"] = {
+                "max_logit_diff": worst, "kept_equal": kept_equal,
+                "local_kv_heads": caches[1].kept_positions(0).shape[1] if compressed else None,
+                "kept": caches[1].kept_positions(1).tolist() if compressed else None,
+                "bytes_sharded": cache_bytes(caches[1]), "bytes_whole": cache_bytes(caches[0]),
+            }
+    return seen
+
+
+def _sweep(out: Path, rank: int, text: Path) -> int:
+    import typer
+
+    import kvstress.results as results
+    from kvstress import stream
+    from kvstress.cli import app
+
+    original_write = results._write_atomically
+
+    def logged_write(path, text):  # who writes which file, and how often
+        with open(out / f"writes-rank{rank}.log", "a") as log:
+            log.write(f"{path}\n")
+        original_write(path, text)
+
+    results._write_atomically = logged_write
+    if rank == 1:
+        original_after = stream.Harness.after_forward
+
+        def after_forward(self, s, count, phase):
+            original_after(self, s, count, phase)
+            if s.spec.name == OOM_METHOD and s.position > 160:
+                raise torch.OutOfMemoryError("injected on rank 1 only")
+
+        stream.Harness.after_forward = after_forward
+        original_forward = stream.Stream._forward
+
+        def slow_forward(self, *args, **kwargs):  # inside the timed region, after the model's collectives
+            import time
+
+            logits, elapsed = original_forward(self, *args, **kwargs)
+            time.sleep(SLOW_S)
+            return logits, elapsed + SLOW_S
+
+        stream.Stream._forward = slow_forward
+    command = typer.main.get_command(app)
+    return command.main(["sweep", "--model", "tiny-random", "--device", "cpu", "--dataset", str(text),
+                         "--lengths", "128,256", "--chunk", "64", "--decode-steps", "5",
+                         "--method", ",".join(SPECS[1:]) + ",baseline", "--tp", "2",
+                         "--out", str(out / "sweep" / "results.json")], standalone_mode=False) or 0
+
+
+def _main(out: Path, text: Path) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    seen = {"equality": _equality(out, rank), "sweep_exit": _sweep(out, rank, text)}
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+# -- the tests -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2")
+    text = out / "text.txt"
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+    text.write_text(" ".join(words[(i * 7 + i // 3) % len(words)] for i in range(600)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KVSTRESS_TP_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), str(HERE), str(out), str(text)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("mode", list(SCHEDULES))
+def test_tp2_logits_and_kept_positions_equal_tp1(launched, spec, mode):
+    _, ranks = launched
+    for rank, seen in enumerate(ranks):
+        case = seen["equality"][f"{spec}/{mode}"]
+        assert case["max_logit_diff"] < 1e-4, (rank, case)
+        assert case["kept_equal"], (rank, case)
+        assert case["bytes_sharded"] * 2 == case["bytes_whole"], (rank, case)  # half the KV heads, half the bytes
+        if spec != "baseline":
+            assert case["local_kv_heads"] == 1  # GQA: 2 KV heads over 2 ranks
+            assert len(case["kept"][0][0]) == 32  # evicting: 96 tokens through capacity 32
+    if spec == "h2o_4_8_32":  # heavy hitters, not StreamingLLM's sinks + recent window
+        h2o = ranks[0]["equality"][f"h2o_4_8_32/{mode}"]["kept"]
+        streaming = ranks[0]["equality"][f"streaming_4_32/{mode}"]["kept"]
+        assert h2o != streaming
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "sweep" / "results.json").read_text())
+
+
+def test_oom_on_one_rank_is_recorded_once_and_the_run_goes_on(launched):
+    out, ranks = launched
+    assert [seen["sweep_exit"] for seen in ranks] == [0, 0]
+    doc = _results(out)
+    status = {(r["method"], r["length"]): r["status"] for r in doc["records"]}
+    assert status == {("streaming_4_32", 128): "ok", ("streaming_4_32", 256): "oom",
+                      ("h2o_4_8_32", 128): "ok", ("h2o_4_8_32", 256): "ok",
+                      ("baseline", 128): "ok", ("baseline", 256): "ok"}
+    failed = next(r for r in doc["records"] if r["status"] == "oom")
+    assert "rank 1: injected on rank 1 only" in failed["error"]
+    ooms = [e for e in doc["events"] if e["type"] == "oom"]
+    assert len(ooms) == 1 and ooms[0]["method"] == "streaming_4_32" and ooms[0]["length"] == 256
+    assert doc["complete"] is True
+
+
+def test_results_written_by_rank0_only_with_per_rank_memory_and_slowest_time(launched):
+    out, ranks = launched
+    assert not (out / "writes-rank1.log").exists()  # rank 1 never wrote a results file
+    written = set((out / "writes-rank0.log").read_text().split())
+    assert written == {str(out / "sweep" / "results.json")}
+    assert sorted(p.name for p in (out / "sweep").iterdir()) == ["results.json"]
+    doc = _results(out)
+    assert doc["config"]["tp"] == 2
+    (started,) = [e for e in doc["events"] if e["type"] == "distributed"]
+    assert started["world_size"] == 2 and [r["rank"] for r in started["ranks"]] == [0, 1]
+    per_point = [e for e in doc["events"] if e["type"] == "ranks"]
+    ok = [r for r in doc["records"] if r["status"] == "ok"]
+    assert len(per_point) == len(ok)
+    for event, record in zip(per_point, ok):
+        halves = [r["cache_bytes"] for r in event["per_rank"]]
+        assert halves[0] == halves[1] and sum(halves) == record["cache_bytes"]  # summed over the ranks
+        assert record["peak_rss_bytes"] == sum(r["peak_rss_bytes"] for r in event["per_rank"])
+        # rank 1 is SLOW_S slower per forward: the step time is the slowest rank's
+        assert record["tpot_ms_median"] >= SLOW_S * 1000, record
+
+
+def test_tp_refused_outside_torchrun(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvstress.cli import app
+
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["sweep", "--model", "tiny-random", "--tp", "2", "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    assert "torchrun --nproc-per-node 2" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r.json").exists()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert "torchrun started 3 processes" in launch_problem(2)
+    assert launch_problem(3) is None
+
+
+def test_device_map_refused_naming_tp(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvstress.cli import app
+
+    result = CliRunner().invoke(app, ["sweep", "--model", "tiny-random", "--device-map", "auto",
+                                      "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and "--tp N" in result.output
+
+
+def _dead_rank() -> None:
+    """Rank 1 dies after joining; rank 0's next collective names it (no torchrun to do it)."""
+    from kvstress import distributed
+
+    ranks = distributed.start(2, torch.device("cpu"))
+    ranks.barrier()
+    if ranks.rank == 1:
+        os._exit(3)
+    try:
+        ranks.gather("anything", "a gather")
+    except distributed.RankLost as lost:
+        print(f"LOST: {lost}", flush=True)
+
+
+def test_a_dead_rank_is_named_not_waited_for(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "KVSTRESS_TP_TIMEOUT_S": "30", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launched = [subprocess.Popen([sys.executable, str(HERE), "dead"], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for r in (0, 1)]
+    output = launched[0].communicate(timeout=120)[0]
+    launched[1].wait(timeout=30)
+    assert f"LOST: rank 0 lost the other ranks during a gather: rank 1 (pid {launched[1].pid}) died" in output, output
+    assert "--resume" in output
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "dead":
+        _dead_rank()
+    else:
+        _main(Path(sys.argv[1]), Path(sys.argv[2]))
