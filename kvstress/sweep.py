@@ -46,11 +46,11 @@ class SweepSchedule(Schedule):
 
     def is_done(self, spec: MethodSpec, writer) -> bool:
         return spec.name in ended_methods(writer.records) or all(
-            length in done_lengths(writer.records, spec) for length in self.config.lengths)
+            length in done_lengths(writer, spec) for length in self.config.lengths)
 
     def run_method(self, harness: Harness, spec: MethodSpec) -> None:
         harness.progress.start(spec.name, self.config.tokens_needed - 1)
-        run_checkpoints(harness, spec, self.tokens, self.config, done=done_lengths(harness.writer.records, spec))
+        run_checkpoints(harness, spec, self.tokens, self.config, done=done_lengths(harness.writer, spec))
         harness.progress.finish()
 
     def crash_point(self, spec: MethodSpec, records: list[dict]) -> dict | None:
@@ -59,9 +59,9 @@ class SweepSchedule(Schedule):
         return {"length": pending[0], "batch_size": self.config.batch_size} if pending else None
 
 
-def done_lengths(records: list[dict], spec: MethodSpec) -> set[int]:
-    """Checkpoints of `spec` a results file already holds (an OOM is a result; an error is tried again)."""
-    return {r["length"] for r in records if r["method"] == spec.name and r["status"] in ("ok", "oom")}
+def done_lengths(writer, spec: MethodSpec) -> set[int]:
+    """Checkpoints of `spec` a results file already holds (ResultsWriter.done_points)."""
+    return {length for method, length in writer.done_points() if method == spec.name}
 
 
 def ended_methods(records: list[dict]) -> set[str]:

@@ -193,6 +193,16 @@ def test_compare_on_tiny_random(tmp_path, text_file):
     assert again.exit_code == 2 and "already exists" in again.stderr
 
 
+def test_compare_runs_the_methods_given(tmp_path, text_file):
+    out_dir = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", "--model", "tiny-random", "--datasets", str(text_file), "--tokens", "128",
+                                 "--chunk", "16", "-m", "tova_0_32", "-m", "knorm_4_8_32", "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out_dir / "book.json").read_text())
+    assert written["config"]["methods"] == ["tova_0_32", "knorm_4_8_32"]
+    assert {r["method"] for r in written["records"]} == {"tova_0_32", "knorm_4_8_32"}
+
+
 def test_compare_with_no_loadable_dataset(tmp_path):
     result = runner.invoke(app, ["compare", "--model", "tiny-random", "--datasets", str(tmp_path / "none.txt"),
                                  "--tokens", "64", "--out-dir", str(tmp_path / "cmp")])
