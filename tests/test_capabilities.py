@@ -39,6 +39,9 @@ COMMANDS = {
     "batch": ["batch", "--length", "128", "--batch-sizes", "1,2,3,4,5,6", "--chunk", "32", "--decode-steps", "4"],
 }
 ALL = list(COMMANDS)
+# The same runs cut short (a repeated option's last value wins), for the cells that need no interruption.
+SHORTER = {"sweep": ["--lengths", "128,256"], "ppl": ["--tokens", "256", "--buckets", "128"],
+           "needle": ["--lengths", "128,192", "--depths", "0"], "batch": ["--batch-sizes", "1,2"]}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def uninterrupted(tmp_path_factory, text_file):
 def test_max_memory(tmp_path, text_file, command):
     weights = sum(p.numel() * p.element_size() for p in load_model("tiny-random").model.parameters())
     out = tmp_path / "r.json"
-    result = runner.invoke(app, args(command, text_file, out, "--max-memory", str(weights + 60_000)))
+    result = runner.invoke(app, args(command, text_file, out, "--max-memory", str(weights + 60_000), *SHORTER[command]))
     assert result.exit_code == 0, result.output
     records = json.loads(out.read_text())["records"]
     baseline = [r for r in records if r["method"] == "baseline" and r["status"] == "oom"]
@@ -130,11 +133,9 @@ def test_resume_refuses_a_changed_config(text_file, uninterrupted, command):
 def test_isolate_records_a_crashed_child_and_goes_on(tmp_path, text_file, monkeypatch, command):
     monkeypatch.setenv(CRASH_ENV, "streaming_4_48:150")
     out = tmp_path / "r.json"
-    # Two methods (each child is a new interpreter): the crash, then one that must still run; a shorter
-    # run than the others (a repeated option's last value wins), still past the crash's 150 tokens.
-    shorter = {"sweep": ["--lengths", "128,256"], "ppl": ["--tokens", "256", "--buckets", "128"],
-               "needle": ["--lengths", "128,192", "--depths", "0"], "batch": ["--batch-sizes", "1,2"]}[command]
-    result = runner.invoke(app, args(command, text_file, out, "--isolate", *shorter, methods=METHODS[2:]))
+    # Two methods (each child is a new interpreter): the crash, then one that must still run; the short
+    # runs still go past the crash's 150 tokens.
+    result = runner.invoke(app, args(command, text_file, out, "--isolate", *SHORTER[command], methods=METHODS[2:]))
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     by_method = {m: [r["status"] for r in doc["records"] if r["method"] == m] for m in ("streaming_4_48", "h2o_4_6_48")}
@@ -157,7 +158,7 @@ def test_lazy_reaches_the_compressed_caches(tmp_path, text_file, monkeypatch, co
 
     monkeypatch.setattr(stream_module, "make_run_cache", spy)
     out = tmp_path / "r.json"
-    result = runner.invoke(app, args(command, text_file, out, "--lazy", "8"))
+    result = runner.invoke(app, args(command, text_file, out, "--lazy", "8", *SHORTER[command]))
     assert result.exit_code == 0, result.output
     assert {lazy for name, lazy in made if name != "baseline"} == {8}
     assert json.loads(out.read_text())["config"]["lazy"] == 8
@@ -196,7 +197,7 @@ def test_compile_takes_the_single_token_steps(tmp_path, text_file, monkeypatch, 
     monkeypatch.setattr(stream_module.Harness, "_warm_up_compiled", marked_warm_up)
     CountingDecode.steps = 0
     out = tmp_path / "r.json"
-    result = runner.invoke(app, args(command, text_file, out, "--compile"))
+    result = runner.invoke(app, args(command, text_file, out, "--compile", *SHORTER[command]))
     assert result.exit_code == 0, result.output
     assert CountingDecode.steps > 0
     assert json.loads(out.read_text())["config"]["compile"] is True
