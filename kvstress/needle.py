@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .caches import cache_bytes, cached_tokens
 from .config import ConfigError, NeedleConfig
 from .run import Schedule
 from .spec import MethodSpec
@@ -267,8 +266,6 @@ class _Answer:
     text: str
     ttft_s: float
     step_ms: list[float]
-    cache_bytes: int
-    cache_tokens: int
 
 
 def done_cells(events: list[dict], spec: MethodSpec) -> set[tuple[int, float]]:
@@ -340,8 +337,7 @@ class NeedleSchedule(Schedule):
                 writer.add_record({
                     "method": spec.name, "length": length, "status": "ok", "batch_size": 1,
                     "ttft_s": statistics.median(t.ttft_s for t in timings),
-                    **harness.measurements(stream, steps),
-                    "cache_bytes": timings[-1].cache_bytes, "cache_tokens": timings[-1].cache_tokens,
+                    **harness.measurements(stream, steps),  # the cache as the last trial left it
                 })
             if point.failed:
                 writer.add_event({"type": CELL_EVENT, "method": spec.name, "length": length, "depth": point.depth,
@@ -375,7 +371,6 @@ class NeedleSchedule(Schedule):
             stream.forward(ids[:, start : min(start + config.chunk, trial.context_tokens)], "prefill")
         logits, _ = stream.forward(ids[:, trial.context_tokens :], "prefill")
         ttft_s = stream.build_s
-        size = (cache_bytes(stream.cache), cached_tokens(stream.cache))
         token = int(logits[0, -1].argmax())
         generated: list[int] = []
         step_ms: list[float] = []
@@ -388,7 +383,7 @@ class NeedleSchedule(Schedule):
             logits, elapsed = stream.forward(ids.new_tensor([[token]]), "decode", compiled=True)
             token = int(logits[0, -1].argmax())
             step_ms.append(elapsed * 1000)
-        return _Answer(self.builder.decode([t for t in generated if t not in self.eos]), ttft_s, step_ms, *size)
+        return _Answer(self.builder.decode([t for t in generated if t not in self.eos]), ttft_s, step_ms)
 
 
 def _stop_tokens(tokenizer, chat: bool) -> set[int]:

@@ -119,8 +119,8 @@ def _sweep(out: Path, rank: int, text: Path) -> int:
         original_write(path, text)
 
     results._write_atomically = logged_write
+    original_after, original_forward = stream.Harness.after_forward, stream.Stream._forward
     if rank == 1:
-        original_after = stream.Harness.after_forward
 
         def after_forward(self, s, count, phase):
             original_after(self, s, count, phase)
@@ -128,7 +128,6 @@ def _sweep(out: Path, rank: int, text: Path) -> int:
                 raise torch.OutOfMemoryError("injected on rank 1 only")
 
         stream.Harness.after_forward = after_forward
-        original_forward = stream.Stream._forward
 
         def slow_forward(self, *args, **kwargs):  # inside the timed region, after the model's collectives
             import time
@@ -139,16 +138,44 @@ def _sweep(out: Path, rank: int, text: Path) -> int:
 
         stream.Stream._forward = slow_forward
     command = typer.main.get_command(app)
-    return command.main(["sweep", "--model", "tiny-random", "--device", "cpu", "--dataset", str(text),
-                         "--lengths", "128,256", "--chunk", "64", "--decode-steps", "5",
-                         "--method", ",".join(SPECS[1:]) + ",baseline", "--tp", "2",
-                         "--out", str(out / "sweep" / "results.json")], standalone_mode=False) or 0
+    try:
+        return command.main(["sweep", "--model", "tiny-random", "--device", "cpu", "--dataset", str(text),
+                             "--lengths", "128,256", "--chunk", "64", "--decode-steps", "5",
+                             "--method", ",".join(SPECS[1:]) + ",baseline", "--tp", "2",
+                             "--out", str(out / "sweep" / "results.json")], standalone_mode=False) or 0
+    finally:
+        stream.Harness.after_forward, stream.Stream._forward = original_after, original_forward
+        results._write_atomically = original_write
+
+
+# ppl, needle and batch: each run with --tp 2 here and with --tp 1 by the tests, records compared.
+OTHER_COMMANDS = {
+    "ppl": ["ppl", "--tokens", "192", "--buckets", "96", "--chunk", "16"],
+    "needle": ["needle", "--lengths", "128,160", "--depths", "0,100", "--needles", "1", "--max-new-tokens", "3",
+               "--chunk", "32"],
+    "batch": ["batch", "--length", "96", "--batch-sizes", "1,2", "--chunk", "32", "--decode-steps", "4"],
+}
+
+
+def other_command(name: str, text: Path, out: Path) -> list[str]:
+    return [*OTHER_COMMANDS[name], "--model", "tiny-random", "--device", "cpu", "--dataset", str(text),
+            "--method", ",".join(SPECS), "--out", str(out)]
+
+
+def _others(out: Path, text: Path) -> dict:
+    import typer
+
+    from kvstress.cli import app
+
+    command = typer.main.get_command(app)
+    return {name: command.main([*other_command(name, text, out / name / "results.json"), "--tp", "2"],
+                               standalone_mode=False) or 0 for name in OTHER_COMMANDS}
 
 
 def _main(out: Path, text: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    seen = {"equality": _equality(out, rank), "sweep_exit": _sweep(out, rank, text)}
+    seen = {"equality": _equality(out, rank), "sweep_exit": _sweep(out, rank, text), "others_exit": _others(out, text)}
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
@@ -194,6 +221,30 @@ def test_tp2_logits_and_kept_positions_equal_tp1(launched, spec, mode):
         h2o = ranks[0]["equality"][f"h2o_4_8_32/{mode}"]["kept"]
         streaming = ranks[0]["equality"][f"streaming_4_32/{mode}"]["kept"]
         assert h2o != streaming
+
+
+@pytest.mark.parametrize("name", list(OTHER_COMMANDS))
+def test_ppl_needle_and_batch_under_tp2_record_what_tp1_records(launched, name, tmp_path):
+    """The same points, perplexities, needle answers and cache sizes (summed over the ranks) as one process."""
+    out, ranks = launched
+    assert [seen["others_exit"][name] for seen in ranks] == [0, 0]
+    from typer.testing import CliRunner
+
+    from kvstress.cli import app
+
+    single = tmp_path / "tp1.json"
+    result = CliRunner().invoke(app, other_command(name, out / "text.txt", single))
+    assert result.exit_code == 0, result.output
+    sharded, whole = (json.loads(path.read_text()) for path in (out / name / "results.json", single))
+
+    def points(doc):
+        return [(r["method"], r["length"], r["batch_size"], r["status"], r["cache_tokens"], r["cache_bytes"],
+                 None if r["nll_mean"] is None else round(r["nll_mean"], 4)) for r in doc["records"]]
+
+    assert points(sharded) == points(whole)
+    cells = [[(e["method"], e["length"], e["depth"], [a["answer"] for a in e["answers"]])
+              for e in doc["events"] if e["type"] == "needle_cell"] for doc in (sharded, whole)]
+    assert cells[0] == cells[1]
 
 
 def _results(out: Path) -> dict:
