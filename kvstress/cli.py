@@ -35,7 +35,7 @@ from .tables import console, notify, progress_bars
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Long-context stress tests for KV-cache compression: full cache, StreamingLLM and H2O.",
+    help="Long-context stress tests for KV-cache compression policies (`kvstress policies` lists them).",
 )
 USAGE_EXIT = 2
 INTERRUPTED_EXIT = 130
