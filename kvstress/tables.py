@@ -61,7 +61,7 @@ def print_table(title: str, columns: list[Column], records: Iterable[dict], *, l
     unstable = [r for r in records if isinstance(r, dict) and r.get("timing_unstable")]
     if unstable:
         print_out(f"{UNSTABLE_MARK} unstable timing at {len(unstable)} point(s) (p90/median above "
-                  f"{stream.UNSTABLE_SPREAD}, or load above {stream.UNSTABLE_LOAD:g} per core): "
+                  f"{stream.UNSTABLE_SPREAD}, or other work's load above {stream.UNSTABLE_LOAD:g} per core): "
                   "ratios between these numbers may be noise; rerun on a quiet machine",
                   markup=False, highlight=False)
 

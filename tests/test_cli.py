@@ -195,3 +195,44 @@ def test_sweep_with_a_policy_from_a_plugin(tmp_path, text_file, example_plugin):
         ("h2o_2_6_48", 128, "ok", 48), ("h2o_2_6_48", 256, "ok", 48),
     ]
     assert "ema" in runner.invoke(app, ["policies"]).stdout
+
+
+@pytest.mark.parametrize("step_ms, others_load, unstable", [
+    ([10.0] * 10, 0.0, False),
+    ([10.0] * 8 + [20.0, 20.0], 0.0, True),  # p90 twice the median
+    ([10.0] * 10, 0.6, True),  # other work wants 60 % of the cores
+    ([10.0] * 10, 0.4, False),
+])
+def test_a_record_says_whether_its_timing_can_be_trusted(tmp_path, step_ms, others_load, unstable):
+    import os
+
+    import torch
+
+    from kvstress import stream
+    from kvstress.config import SweepConfig
+    from kvstress.results import ResultsWriter
+    from kvstress.spec import parse_spec
+
+    loaded = load_model("tiny-random")
+    config = SweepConfig(methods=(parse_spec("baseline"),), lengths=(64,), out=tmp_path / "r.json")
+    harness = stream.Harness(config, loaded.model, ResultsWriter(config.out, "sweep", {}, {}), pretrained=False)
+    opened = harness.open(parse_spec("baseline"), torch.arange(4, 80).unsqueeze(0))
+    cores = os.cpu_count() or 1
+    harness._load_peak = torch.get_num_threads() + others_load * cores  # this run's threads plus the others'
+    measured = harness.measurements(opened, step_ms)
+    assert measured["tpot_spread"] == pytest.approx(max(step_ms) / 10.0)
+    assert measured["load_per_core"] == pytest.approx(torch.get_num_threads() / cores + others_load)
+    assert measured["timing_unstable"] is unstable
+
+
+def test_the_table_marks_unstable_timings(tmp_path, text_file, monkeypatch):
+    from kvstress import stream
+
+    monkeypatch.setattr(stream.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a machine far busier than its cores
+    result = invoke("sweep", *TINY, "--dataset", str(text_file), "-m", "streaming_4_48", "--out", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "r.json").read_text())["records"]
+    assert records and all(r["timing_unstable"] for r in records)
+    assert "~ unstable timing at" in result.stdout and "ratios between these numbers may be noise" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if "streaming_4_48" in line)
+    assert "~" in row
