@@ -131,7 +131,7 @@ class PplSchedule(Schedule):
         if self.config.mode == "chunked":
             self.notify(f"note: chunked mode ({self.config.chunk} tokens per forward) approximates streaming "
                         "perplexity; --chunk 1 is exact")
-        self.texts = [sample.tokens for sample in self.samples] if self.samples else [text.tokens]
+        self.text = text.tokens  # the one text scored without --books
 
     def is_done(self, spec: MethodSpec, writer) -> bool:
         return spec.name in overall_records(writer.events) or any(
@@ -157,7 +157,7 @@ class PplSchedule(Schedule):
             if hi not in written:
                 writer.add_record(_bucket_record(spec, lo, hi, bucket_nll))
 
-        scored = self._score(harness, spec, self.texts[0], bucket_done)
+        scored = self._score(harness, spec, self.text, bucket_done)
         if scored is not None:
             self._write_overall(writer, spec, scored)
 
@@ -181,7 +181,8 @@ class PplSchedule(Schedule):
             finished[book["index"]] = writer.add_event({
                 "type": BOOK_EVENT, "method": spec.name, "book": {key: book[key] for key in ("index", "title", "id")},
                 "buckets": [{key: r[key] for key in ("length", "nll_mean", "perplexity")} for r in buckets],
-                **{key: scored[key] for key in ("nll_mean", "perplexity", "tpot_ms_median", "total_s")}})
+                **{key: scored[key] for key in ("nll_mean", "perplexity", "total_s")},
+                "tpot_ms_median": scored["measured"]["tpot_ms_median"]})
         per_book = [finished[sample.books[0]["index"]] for sample in self.samples]
         count = len(per_book)
         for i, (lo, hi) in enumerate(self.config.bucket_ranges):
@@ -234,7 +235,6 @@ class PplSchedule(Schedule):
             scored = {"nll_mean": nll_mean, "perplexity": perplexity(nll_mean), "tokens_scored": config.tokens,
                       "total_s": total_s, "measured": harness.measurements(stream, per_token_ms),
                       "attn_ms_mean": statistics.fmean(attention_ms) if attention_ms else None}
-            scored["tpot_ms_median"] = scored["measured"]["tpot_ms_median"]
         harness.progress.finish()
         return None if point.failed else scored
 
@@ -291,12 +291,12 @@ def run_compare(datasets: Sequence[str], config: PplConfig, *, bucket_note: str 
     models.resolve_device(config.device)
     tokenizer = models.load_tokenizer(config.model)
     texts, skipped = {}, {}
-    for name in datasets:
-        if name == "pg19" and config.books is not None:
-            continue  # its schedule loads the books, one sample each
+    schedules = {c.dataset: PplSchedule(c, bucket_note=bucket_note, notify=notify) for c in configs}
+    for name, schedule in schedules.items():
+        if schedule.config.books is not None:
+            continue  # the schedule loads the books, one sample each
         try:
-            texts[name] = load_text(name, tokenizer, config.tokens_needed, book=PplSchedule(config).book
-                                    if name == "pg19" else None)
+            texts[name] = load_text(name, tokenizer, config.tokens_needed, book=schedule.book if name == "pg19" else None)
         except TextError as error:
             skipped[name] = str(error)
             notify(f"note: skipping dataset {name}: {error}")
@@ -312,8 +312,7 @@ def run_compare(datasets: Sequence[str], config: PplConfig, *, bucket_note: str 
         if c.dataset not in texts and c.books is None:
             continue
         notify(f"dataset {c.dataset}: {len(c.methods)} methods, {c.tokens} tokens, {c.mode} mode")
-        execute(PplSchedule(c, bucket_note=bucket_note, notify=notify), progress=progress, loaded=loaded,
-                text=texts.get(c.dataset))
+        execute(schedules[c.dataset], progress=progress, loaded=loaded, text=texts.get(c.dataset))
         written.append(c.out)
     return CompareRun(written, skipped)
 
