@@ -76,6 +76,39 @@ def test_compiled_decode_matches_eager_with_one_graph(model, spec, positions):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("spec", ["h2o_2_6_24", "streaming_4_24", "tova_2_24", "knorm_2_6_24", "random_2_6_24"])
+def test_compiled_step_writes_only_inputs_marked_static(model, spec):
+    """On CUDA, inductor replays the step as a CUDA graph only if every input tensor the graph
+    writes into has a fixed address (marked static); one unmarked written view is enough for
+    "skipping cudagraphs due to mutated inputs" (seen on an H200). The graph's inputs are
+    checked here on CPU: run it through a backend that notes which inputs change."""
+    written_unmarked = []
+
+    def noting_backend(graph, example_inputs):
+        def run(*inputs):
+            before = [value.clone() if isinstance(value, torch.Tensor) else None for value in inputs]
+            output = graph(*inputs)
+            for index, (value, old) in enumerate(zip(inputs, before)):
+                static = isinstance(value, torch.nn.Parameter) or hasattr(value, "_dynamo_static_input_type")
+                if old is not None and not static and not torch.equal(value, old):
+                    written_unmarked.append((index, tuple(value.shape)))
+            return output
+        return run
+
+    cache = make_cache(spec, model)
+    decode = CompiledDecode(model, cache_argument(model))
+    torch._dynamo.reset()
+    decode._compiled = torch.compile(decode._forward, backend=noting_backend, dynamic=False)
+    ids = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(input_ids=ids[:, :40], use_cache=True, **{cache_argument(model): cache})
+        for position in range(40, 44):
+            assert decode.compiles(cache, ids[:, :1])
+            decode(cache, ids[:, position : position + 1])
+    assert cache.layers[0].seen == 44
+    assert not written_unmarked, f"the compiled step writes into unmarked inputs (index, shape): {written_unmarked}"
+
+
 def test_compiled_decode_leaves_other_forwards_eager(model):
     cache = make_cache("h2o_2_6_24", model)
     ids = torch.zeros(1, 30, dtype=torch.long)

@@ -215,14 +215,16 @@ def test_real_oom_mid_sweep_is_a_result_and_the_next_method_starts_clean(tmp_pat
     assert survivor["cache_tokens"] == capacity and survivor["tpot_ms_median"] > 0, survivor
     if not CUDA:
         return
-    # The streaming stream starts from the weights alone: whatever the full cache held was freed.
+    # The streaming stream holds the weights and its own cache: whatever the full cache held was
+    # freed. Its least sample is the one to read (a decode step's): a prefill chunk's sample also
+    # holds that chunk's activations, which at this batch are GiBs (14 GiB on an H200).
     baseline_samples = [s for s in doc["samples"] if s["method"] == "baseline"]
     streaming_samples = [s for s in doc["samples"] if s["method"] == streaming]
     assert baseline_samples and streaming_samples
-    first = streaming_samples[0]
-    assert first["allocated_bytes"] <= weights + first["cache_bytes"] + 2 * GiB, (
-        f"the streaming method started with {first['allocated_bytes'] / GiB:.1f} GiB allocated: weights "
-        f"{weights / GiB:.1f} GiB + its cache {first['cache_bytes'] / GiB:.1f} GiB; the full cache's memory "
+    least = min(streaming_samples, key=lambda s: s["allocated_bytes"])
+    assert least["allocated_bytes"] <= weights + least["cache_bytes"] + 2 * GiB, (
+        f"the streaming method held at least {least['allocated_bytes'] / GiB:.1f} GiB: weights "
+        f"{weights / GiB:.1f} GiB + its cache {least['cache_bytes'] / GiB:.1f} GiB; the full cache's memory "
         f"(up to {max(s['allocated_bytes'] for s in baseline_samples) / GiB:.1f} GiB) was not all freed")
     assert after - before <= 256 * MiB, (
         f"{(after - before) / MiB:.0f} MiB still allocated after the sweep returned (before {before / MiB:.0f} MiB)")

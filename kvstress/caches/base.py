@@ -88,7 +88,11 @@ class FixedCapacityLayer(CacheLayerMixin):
     def _attach(self, buffers: dict[str, torch.Tensor]) -> None:
         """Take this layer's slices of the cache's (re)allocated buffers."""
         for name, buffer in buffers.items():
-            setattr(self, name, buffer[self.layer_idx])
+            view = buffer[self.layer_idx]
+            # A compiled step's graph takes these views as inputs of their own: unmarked, a
+            # write into one makes inductor skip the CUDA graph ("mutated inputs").
+            torch._dynamo.mark_static_address(view)
+            setattr(self, name, view)
         self.is_initialized = True
 
     def _view(self, name: str, start: int, stop: int) -> torch.Tensor:
