@@ -13,8 +13,10 @@ What the ranks agree on, after every measured forward (`Ranks.forward`, one all-
 
     time     the step time is the slowest rank's (MAX of each rank's elapsed time)
     faults   an out-of-memory error (or the --max-memory budget) on any rank is raised on
-             every rank, so each records the same "oom" point and goes on together; Ctrl-C
-             likewise stops every rank after the same step
+             every rank, so each records the same "oom" point and goes on together, also
+             when it struck halfway through the model's forward, while the other ranks
+             waited in a collective (collectives.py); Ctrl-C likewise stops every rank
+             after the same step
     memory   each record's peaks and cache bytes are summed over the ranks (the job's
              memory, comparable with a --tp 1 record); a "ranks" event beside it holds
              every rank's own figures
@@ -35,12 +37,14 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .config import ConfigError
 from .errors import KvstressError
 from .results import ResultsWriter
@@ -100,6 +104,8 @@ def start(tp: int, device: torch.device) -> Ranks:
         atexit.register(_stop)
     _current = Ranks(dist.get_rank(), dist.get_world_size(), device, backend, timeout_s)
     _current.register()
+    _current.collectives = collectives.watch(dist.distributed_c10d._get_default_store(), _current.rank,
+                                             _current.world, timeout_s)
     return _current
 
 
@@ -150,6 +156,7 @@ class Ranks:
         self.device = device
         self.backend = backend
         self.timeout_s = timeout_s
+        self.collectives: collectives.CollectiveLog | None = None  # set by start()
         # NCCL reduces tensors on the GPU, gloo on the host.
         self._tensor_device = device if backend == "nccl" else torch.device("cpu")
 
@@ -158,7 +165,7 @@ class Ranks:
     def _collective(self, what: str, function, *args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except RuntimeError as error:
+        except (RuntimeError, TimeoutError) as error:
             if isinstance(error, torch.OutOfMemoryError):
                 raise
             raise self.lost(what, error) from error
@@ -240,34 +247,53 @@ class Ranks:
 
     def forward(self, stream, ids: torch.Tensor, phase: str, **options) -> tuple[torch.Tensor, float]:
         """Stream.forward on every rank: the slowest rank's time; a fault on one rank is everyone's."""
-        from .stream import RunInterrupted
-
-        fault: BaseException | None = None
-        logits, elapsed = None, 0.0
-        try:
-            logits, elapsed = stream._forward(ids, phase, **options)
-        except (torch.OutOfMemoryError, RunInterrupted) as error:
-            fault = error
-        except RuntimeError as error:
-            if isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
-                raise self.lost(f"a forward of {stream.spec.name}", error) from error
-            raise
-        oom = isinstance(fault, torch.OutOfMemoryError)
-        flags = torch.tensor([elapsed, float(oom), float(fault is not None and not oom)], dtype=torch.float64,
-                             device=self._tensor_device)
-        self._collective(f"a forward of {stream.spec.name}", dist.all_reduce, flags, op=dist.ReduceOp.MAX)
-        slowest, any_oom, any_stop = flags.tolist()
-        if any_oom:
-            message = (str(fault).strip().splitlines() or ["out of memory"])[0] if oom else None
-            fault = None  # its frames hold activations alive
-            said = self.gather(message, "agreeing on an out-of-memory error")
-            raise torch.OutOfMemoryError("; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text))
-        if any_stop:
-            if fault is not None:
-                raise fault
-            raise RunInterrupted(f"stopped by the user at {stream.position} tokens of {stream.spec.name}")
+        logits, elapsed, slowest = self.together(
+            f"a forward of {stream.spec.name}", lambda: stream._forward(ids, phase, **options),
+            lambda: f"stopped by the user at {stream.position} tokens of {stream.spec.name}")
         stream.build_s += slowest - elapsed
         return logits, slowest
+
+    def together(self, what: str, function, stopped: Callable[[], str] = lambda: "stopped by the user"):
+        """`function()` → (result, seconds) on every rank at once: (result, seconds, the slowest rank's).
+
+        An out-of-memory error on any rank is raised on every rank, also one that struck inside
+        the model's forward while the others went on to wait in a collective: the failed rank
+        first stands in for the collectives they still wait in (collectives.py), so that every
+        rank reaches the agreement (one all-reduce). Ctrl-C on any rank stops every rank here."""
+        from .stream import RunInterrupted
+
+        interrupted: RunInterrupted | None = None
+        oom_message: str | None = None
+        result, elapsed = None, 0.0
+        self.collectives.begin()
+        try:
+            try:
+                result, elapsed = function()
+            except torch.OutOfMemoryError as error:  # its frames, holding activations, go with `error`
+                oom_message = (str(error).strip().splitlines() or ["out of memory"])[0]
+            except RunInterrupted as error:
+                interrupted = error
+            except RuntimeError as error:
+                if isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
+                    raise self.lost(what, error) from error
+                raise
+            if oom_message is not None:
+                self._collective(f"standing in for the collectives of {what} after running out of memory",
+                                 self.collectives.stand_in, self._tensor_device)
+            else:
+                self.collectives.agreeing()
+            flags = torch.tensor([elapsed, float(oom_message is not None), float(interrupted is not None)],
+                                 dtype=torch.float64, device=self._tensor_device)
+            self._collective(what, dist.all_reduce, flags, op=dist.ReduceOp.MAX)
+        finally:
+            self.collectives.end()
+        slowest, any_oom, any_stop = flags.tolist()
+        if any_oom:
+            said = self.gather(oom_message, "agreeing on an out-of-memory error")
+            raise torch.OutOfMemoryError("; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text))
+        if any_stop:
+            raise interrupted or RunInterrupted(stopped())
+        return result, elapsed, slowest
 
     def combine(self, stream, record: dict, writer) -> dict:
         """A record's memory summed over the ranks, and every rank's own figures as a "ranks" event."""

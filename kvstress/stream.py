@@ -41,6 +41,8 @@ from .models import cache_argument
 from .results import RECORD_FIELDS
 from .spec import MethodSpec
 
+# Signals this close together are one Ctrl-C (stop_on_interrupt).
+_SAME_CTRL_C_S = 1.0
 # Tokens of the warm-up stream run before each method is measured.
 _WARMUP_TOKENS = 64
 # Decode steps a compiled step needs before it is measured: compilation, then on CUDA
@@ -110,6 +112,9 @@ def timing_stats(step_ms: list[float]) -> dict:
 def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
     """Ctrl-C once: the run stops after the current step, keeping what it measured. Twice: now.
 
+    Two within a second count as one: under torchrun every rank gets the terminal's Ctrl-C
+    and then the same signal again from torchrun, which passes it on to its workers (and
+    kills them 30 s later), and each rank must stop after the same step as the others.
     Yields the function the harness polls; the previous handler is restored on exit.
     Outside the main thread (signals cannot be caught there) Ctrl-C is never requested.
     """
@@ -117,10 +122,13 @@ def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
         yield lambda: False
         return
     requested = threading.Event()
+    first = []
 
     def handle(signum, frame):
-        if requested.is_set():
+        if requested.is_set() and time.monotonic() - first[0] > _SAME_CTRL_C_S:
             raise KeyboardInterrupt
+        if not requested.is_set():
+            first.append(time.monotonic())
         requested.set()
 
     previous = signal.signal(signal.SIGINT, handle)
@@ -284,12 +292,17 @@ class Harness:
     def _warm_up(self, cache, tokens: torch.Tensor) -> None:
         """A short unmeasured stream, so that the first measured forward pays no one-off start-up costs."""
         prefill = max(1, min(_WARMUP_TOKENS, tokens.shape[1] - 2))
-        with torch.no_grad():
-            self.model(input_ids=tokens[:, :prefill], use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
-            for t in range(prefill, min(prefill + 2, tokens.shape[1])):
-                self.model(input_ids=tokens[:, t : t + 1], use_cache=True, logits_to_keep=1,
-                           **{self.cache_argument: cache})
-        synchronize(self.device)
+
+        def forward(ids: torch.Tensor) -> None:
+            with torch.no_grad():
+                self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_argument: cache})
+            synchronize(self.device)
+
+        for ids in [tokens[:, :prefill]] + [tokens[:, t : t + 1] for t in range(prefill, min(prefill + 2, tokens.shape[1]))]:
+            if self.ranks is None:
+                forward(ids)
+            else:  # out of memory on one rank is every rank's, here as in every measured forward
+                self.ranks.together("a warm-up forward", lambda ids=ids: (forward(ids), 0.0))
 
     def _warm_up_compiled(self, cache, tokens: torch.Tensor) -> None:
         """Fill the cache in chunks until decode steps compile, then run a few."""

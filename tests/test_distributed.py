@@ -36,7 +36,12 @@ ROOT = HERE.parents[1]
 SPECS = ("baseline", "streaming_4_32", "h2o_4_8_32")
 SCHEDULES = {"tokens": [24] + [1] * 72, "chunks": [24, 8, 8, 8, 8, 8, 8, 8, 16]}  # 96 tokens, capacity 32
 SLOW_S = 0.04  # rank 1's extra time per forward in the sweep
-OOM_METHOD = "streaming_4_32"
+OOM_METHOD = "streaming_4_32"  # out of memory on rank 1 after a forward
+# Out of memory inside a forward, at a layer's attention: {method: {rank: layer}}. The
+# collectives of the tiny Llama's forward: embedding, then per layer attention and MLP, then
+# the logits. h2o: rank 1 fails after three, rank 0 waits in the fourth; baseline: rank 1
+# fails after one, and rank 0 two further on, once rank 1 has stood in for it.
+INSIDE_FORWARD = {"h2o_4_8_32": {1: 1}, "baseline": {1: 0, 0: 1}}
 
 
 # -- the two ranks (this file run by torchrun) -------------------------------------------------
@@ -106,6 +111,7 @@ def _equality(out: Path, rank: int) -> dict:
 
 def _sweep(out: Path, rank: int, text: Path) -> int:
     import typer
+    from transformers.models.llama import modeling_llama
 
     import kvstress.results as results
     from kvstress import stream
@@ -120,6 +126,26 @@ def _sweep(out: Path, rank: int, text: Path) -> int:
 
     results._write_atomically = logged_write
     original_after, original_forward = stream.Harness.after_forward, stream.Stream._forward
+    original_attention = modeling_llama.LlamaAttention.forward
+    at = {}  # the stream whose forward runs now: its method, and the tokens before this forward
+
+    def noted_forward(self, *args, **kwargs):
+        at.update(method=self.spec.name, position=self.position)
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            at.clear()
+
+    def attention(self, *args, **kwargs):
+        # Out of memory inside the model's forward (past 160 tokens), in the attention of the
+        # layers INSIDE_FORWARD gives this rank: the other rank is then waiting in a collective.
+        if at.get("method") in INSIDE_FORWARD and at["position"] > 160:
+            if self.layer_idx == INSIDE_FORWARD[at["method"]].get(rank):
+                raise torch.OutOfMemoryError(f"injected on rank {rank} in layer {self.layer_idx}'s attention")
+        return original_attention(self, *args, **kwargs)
+
+    stream.Stream._forward = noted_forward
+    modeling_llama.LlamaAttention.forward = attention
     if rank == 1:
 
         def after_forward(self, s, count, phase):
@@ -132,7 +158,7 @@ def _sweep(out: Path, rank: int, text: Path) -> int:
         def slow_forward(self, *args, **kwargs):  # inside the timed region, after the model's collectives
             import time
 
-            logits, elapsed = original_forward(self, *args, **kwargs)
+            logits, elapsed = noted_forward(self, *args, **kwargs)
             time.sleep(SLOW_S)
             return logits, elapsed + SLOW_S
 
@@ -145,6 +171,7 @@ def _sweep(out: Path, rank: int, text: Path) -> int:
                              "--out", str(out / "sweep" / "results.json")], standalone_mode=False) or 0
     finally:
         stream.Harness.after_forward, stream.Stream._forward = original_after, original_forward
+        modeling_llama.LlamaAttention.forward = original_attention
         results._write_atomically = original_write
 
 
@@ -257,13 +284,27 @@ def test_oom_on_one_rank_is_recorded_once_and_the_run_goes_on(launched):
     doc = _results(out)
     status = {(r["method"], r["length"]): r["status"] for r in doc["records"]}
     assert status == {("streaming_4_32", 128): "ok", ("streaming_4_32", 256): "oom",
-                      ("h2o_4_8_32", 128): "ok", ("h2o_4_8_32", 256): "ok",
-                      ("baseline", 128): "ok", ("baseline", 256): "ok"}
-    failed = next(r for r in doc["records"] if r["status"] == "oom")
-    assert "rank 1: injected on rank 1 only" in failed["error"]
-    ooms = [e for e in doc["events"] if e["type"] == "oom"]
-    assert len(ooms) == 1 and ooms[0]["method"] == "streaming_4_32" and ooms[0]["length"] == 256
+                      ("h2o_4_8_32", 128): "ok", ("h2o_4_8_32", 256): "oom",
+                      ("baseline", 128): "ok", ("baseline", 256): "oom"}
+    errors = {r["method"]: r["error"] for r in doc["records"] if r["status"] == "oom"}
+    assert errors["streaming_4_32"] == "rank 1: injected on rank 1 only"
+    ooms = [(e["method"], e["length"]) for e in doc["events"] if e["type"] == "oom"]
+    assert ooms == [("streaming_4_32", 256), ("h2o_4_8_32", 256), ("baseline", 256)]
     assert doc["complete"] is True
+
+
+def test_oom_inside_a_forward_on_one_rank_is_agreed_without_waiting(launched):
+    """Rank 1 runs out of memory in layer 1's attention while rank 0 goes on to wait in the
+    next all-reduce: rank 1 stands in for it, both record the point and the run goes on (a
+    wait would have ended the run after the 60 s collective timeout, with exit 2)."""
+    out, ranks = launched
+    doc = _results(out)
+    errors = {r["method"]: r["error"] for r in doc["records"] if r["status"] == "oom"}
+    assert errors["h2o_4_8_32"] == "rank 1: injected on rank 1 in layer 1's attention"
+    # Both ranks out of memory inside the same forward, at different layers.
+    assert errors["baseline"] == ("rank 0: injected on rank 0 in layer 1's attention; "
+                                  "rank 1: injected on rank 1 in layer 0's attention")
+    assert [seen["sweep_exit"] for seen in ranks] == [0, 0]
 
 
 def test_results_written_by_rank0_only_with_per_rank_memory_and_slowest_time(launched):
@@ -339,6 +380,52 @@ def test_a_dead_rank_is_named_not_waited_for(tmp_path):
     launched[1].wait(timeout=30)
     assert f"LOST: rank 0 lost the other ranks during a gather: rank 1 (pid {launched[1].pid}) died" in output, output
     assert "--resume" in output
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_and_resume_finishes(tmp_path):
+    """The terminal's Ctrl-C reaches torchrun and both ranks (one process group), and torchrun
+    passes it on to them again: every rank stops after the same step, rank 0 keeps what was
+    measured and says how to resume, and --resume measures only what is missing."""
+    import signal
+    import time
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(1500)))
+    out = tmp_path / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KVSTRESS_TP_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    lengths = [128 * n for n in range(1, 9)]
+
+    def command(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port()), "-m", "kvstress", "sweep", "--model", "tiny-random", "--device",
+                "cpu", "--dataset", str(text), "--lengths", ",".join(map(str, lengths)), "--chunk", "8",
+                "--decode-steps", "3", "-m", "streaming_4_32", "--tp", "2", "--out", str(out), *extra]
+
+    process = subprocess.Popen(command(), cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(out.read_text())["records"]:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=90)
+    assert process.returncode != 0
+    assert "continue with the same command plus --resume" in stderr, stderr[-3000:]
+    assert "lost the other ranks" not in stderr, stderr[-3000:]  # no rank left waiting for another
+    interrupted = json.loads(out.read_text())
+    assert interrupted["complete"] is False and 0 < len(interrupted["records"]) < len(lengths)
+
+    resumed = subprocess.run(command("--resume"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and [r["length"] for r in doc["records"]] == lengths
+    assert doc["records"][: len(interrupted["records"])] == interrupted["records"]  # kept, not measured again
 
 
 if __name__ == "__main__":

@@ -262,3 +262,20 @@ def test_malformed_results_files(tmp_path, command, content, message):
     result = runner.invoke(app, [command, str(path)])
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_twice_stops_now_but_two_signals_within_a_second_are_one(monkeypatch):
+    """torchrun passes the terminal's Ctrl-C on to ranks that got it already: that pair must
+    stop after the step like one Ctrl-C; a second Ctrl-C later stops at once."""
+    monkeypatch.setattr(stream_module, "_SAME_CTRL_C_S", 0.3)
+    with stream_module.stop_on_interrupt() as requested:
+        assert not requested()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun's copy of the same Ctrl-C
+        time.sleep(0.05)  # signals run their handler between bytecodes of the main thread
+        assert requested()
+        time.sleep(0.4)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
