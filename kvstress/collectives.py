@@ -26,6 +26,7 @@ collective timeout, with what was measured kept.
 
 from __future__ import annotations
 
+import atexit
 import pickle
 import threading
 import time
@@ -130,7 +131,16 @@ class CollectiveLog:
         self.notes: list[tuple] = []  # this forward's collectives: (name, shape, dtype, args, kwargs)
         self._told = 0
         self._lock = threading.Lock()
-        threading.Thread(target=self._watch, name="kvstress-fault-watch", daemon=True).start()
+        self._stopped = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="kvstress-fault-watch", daemon=True)
+        self._watcher.start()
+        # Stopped before the interpreter finalizes: a daemon thread inside a store call then
+        # would abort the process ("terminate called without an active exception").
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._watcher.join(timeout=5)
 
     def _key(self, *parts) -> str:
         return _KEY.format(self.forward, "/".join(map(str, parts)))
@@ -154,16 +164,19 @@ class CollectiveLog:
         self.recording = self.watching = False
 
     def tell(self) -> None:
-        """Write the notes not yet in the store (the watcher and the collectives both call this:
-        `telling` is set before the first call, and a note is appended before it is checked)."""
+        """Write the notes not yet in the store. The watcher sets `telling` and writes what is
+        noted under the lock; a collective appends its note before it looks at `telling`: so
+        no note is missed whichever comes first."""
         with self._lock:
-            for index in range(self._told, len(self.notes)):
-                self.store.set(self._key("call", index), pickle.dumps(_described(self.notes[index])))
-            self._told = len(self.notes)
+            self._tell_locked()
+
+    def _tell_locked(self) -> None:
+        for index in range(self._told, len(self.notes)):
+            self.store.set(self._key("call", index), pickle.dumps(_described(self.notes[index])))
+        self._told = len(self.notes)
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(POLL_S)
+        while not self._stopped.wait(POLL_S):
             if not self.watching or self.telling:
                 continue
             forward = self.forward
@@ -171,9 +184,11 @@ class CollectiveLog:
                 posted = self.store.check([_KEY.format(forward, "fault")])
             except Exception:
                 continue  # the store is gone (the run ended); the collective timeout still holds
-            if posted and self.forward == forward and self.watching:
-                self.telling = True
-                self.tell()
+            if posted:
+                with self._lock:
+                    if self.forward == forward and self.watching:  # not a forward begun since
+                        self.telling = True
+                        self._tell_locked()
 
     # -- a rank that failed ---------------------------------------------------------------
 
