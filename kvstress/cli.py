@@ -206,9 +206,9 @@ def ppl(
 
 
 def _overall_indices(events: list[dict]) -> set[int]:
-    from .report import OVERALL_EVENT
+    from .report import overall_events
 
-    return {event["record"] for event in events if event.get("type") == OVERALL_EVENT}
+    return {event["record"] for event in overall_events(events)}
 
 
 @app.command()

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, PplConfig, parse_length
-from .report import OVERALL_EVENT
+from .report import OVERALL_EVENT, overall_events
 from .run import Schedule, execute
 from .spec import MethodSpec, parse_spec
 from .stream import AttentionTimer, Harness
@@ -98,7 +98,7 @@ def parse_buckets(text: str | None, tokens: int) -> tuple[tuple[int, ...], str |
 
 def overall_records(events: list[dict]) -> set[str]:
     """Methods whose overall record a ppl results file holds."""
-    return {event["method"] for event in events if event.get("type") == OVERALL_EVENT}
+    return {event["method"] for event in overall_events(events)}
 
 
 class PplSchedule(Schedule):

@@ -73,6 +73,11 @@ def _load(path: Path) -> dict:
     return doc
 
 
+def overall_events(events: list) -> list[dict]:
+    """A ppl results file's "ppl_overall" events: each points at a method's overall record by index."""
+    return [event for event in events if isinstance(event, dict) and event.get("type") == OVERALL_EVENT]
+
+
 def split_ppl_records(doc: dict, path: Path | str = "results") -> tuple[list[dict], dict[str, dict]]:
     """(bucket and oom records, overall record per method) of a ppl results dict.
 
@@ -81,9 +86,7 @@ def split_ppl_records(doc: dict, path: Path | str = "results") -> tuple[list[dic
     records = doc["records"]
     overall: dict[str, dict] = {}
     marked: set[int] = set()
-    for event in doc["events"]:
-        if not isinstance(event, dict) or event.get("type") != OVERALL_EVENT:
-            continue
+    for event in overall_events(doc["events"]):
         index = event.get("record")
         if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(records)
                 or records[index]["method"] != event.get("method")):
@@ -302,5 +305,5 @@ def render(report: Report, fmt: str = "markdown") -> str:
     return text
 
 
-__all__ = ["FORMATS", "MISSING", "OVERALL_EVENT", "Report", "build_report", "dataset_name", "ppl_column",
+__all__ = ["FORMATS", "MISSING", "OVERALL_EVENT", "Report", "build_report", "dataset_name", "overall_events", "ppl_column",
            "render", "split_ppl_records"]
