@@ -60,7 +60,7 @@ _current: Ranks | None = None
 
 
 class RankLost(KvstressError):
-    """Another rank died, or a collective timed out: the run cannot go on."""
+    """Another rank died or failed, or a collective timed out: the run cannot go on."""
 
 
 def launch_problem(tp: int) -> str | None:
@@ -259,35 +259,47 @@ class Ranks:
         An out-of-memory error on any rank is raised on every rank, also one that struck inside
         the model's forward while the others went on to wait in a collective: the failed rank
         first stands in for the collectives they still wait in (collectives.py), so that every
-        rank reaches the agreement (one all-reduce). Ctrl-C on any rank stops every rank here."""
+        rank reaches the agreement (one all-reduce). Any other error on one rank stops every
+        rank the same way, at once (the failed rank raises it, the others name it), rather
+        than after the collective timeout. Ctrl-C on any rank stops every rank here."""
         from .stream import RunInterrupted
 
         interrupted: RunInterrupted | None = None
         oom_message: str | None = None
+        failure: Exception | None = None
         result, elapsed = None, 0.0
         self.collectives.begin()
         try:
             try:
                 result, elapsed = function()
             except torch.OutOfMemoryError as error:  # its frames, holding activations, go with `error`
-                oom_message = (str(error).strip().splitlines() or ["out of memory"])[0]
+                oom_message = _first_line(error) or "out of memory"
             except RunInterrupted as error:
                 interrupted = error
-            except RuntimeError as error:
-                if isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "nccl" in str(error).lower():
-                    raise self.lost(what, error) from error
-                raise
-            if oom_message is not None:
-                self._collective(f"standing in for the collectives of {what} after running out of memory",
+            except Exception as error:
+                text = str(error).lower()
+                if isinstance(error, dist.DistError) or "gloo" in text or "nccl" in text:
+                    raise self.lost(what, error) from error  # the collectives themselves are gone
+                failure = error
+            if oom_message is not None or failure is not None:
+                self._collective(f"standing in for the collectives of {what} after an error",
                                  self.collectives.stand_in, self._tensor_device)
             else:
                 self.collectives.agreeing()
-            flags = torch.tensor([elapsed, float(oom_message is not None), float(interrupted is not None)],
-                                 dtype=torch.float64, device=self._tensor_device)
+            flags = torch.tensor([elapsed, float(oom_message is not None), float(interrupted is not None),
+                                  float(failure is not None)], dtype=torch.float64, device=self._tensor_device)
             self._collective(what, dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         finally:
             self.collectives.end()
-        slowest, any_oom, any_stop = flags.tolist()
+        slowest, any_oom, any_stop, any_failure = flags.tolist()
+        if any_failure:
+            said = self.gather(None if failure is None else f"{type(failure).__name__}: {_first_line(failure)}",
+                               "agreeing on an error")
+            if failure is not None:
+                raise failure
+            failed = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text)
+            raise RankLost(f"rank {self.rank} stopped: another rank failed in {what} ({failed}); what was "
+                           "measured is saved: once the cause is fixed, the same command plus --resume continues")
         if any_oom:
             said = self.gather(oom_message, "agreeing on an out-of-memory error")
             raise torch.OutOfMemoryError("; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text))
@@ -313,6 +325,10 @@ class Ranks:
             local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
             total += local.numel() * local.element_size()
         return total
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 # -- loading a model sharded --------------------------------------------------------------

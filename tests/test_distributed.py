@@ -11,6 +11,8 @@ ranks; each rank writes what it saw to JSON, and the tests read it:
              on rank 1 only (streaming, second checkpoint) and rank 1 made 40 ms slower per
              forward: the OOM is recorded once, the next method runs, the step time is the
              slowest rank's, and only rank 0 ever writes the results file
+  faults     out of memory inside a forward, on one rank and on both at different layers;
+             another error inside a forward on one rank: every rank stops at once
 
 A rank that dies is named by the survivor (two plain processes, no torchrun). The
 launch-time refusals (--tp outside torchrun, a world size that differs, --device-map)
@@ -199,10 +201,50 @@ def _others(out: Path, text: Path) -> dict:
                                standalone_mode=False) or 0 for name in OTHER_COMMANDS}
 
 
+def _failure(out: Path, rank: int, text: Path) -> dict:
+    """Rank 1 hits a bug (not out of memory) inside a forward, past the first point."""
+    import contextlib
+    import io
+    import time
+
+    import typer
+    from transformers.models.llama import modeling_llama
+
+    from kvstress import stream
+    from kvstress.cli import app
+
+    original_attention, original_forward = modeling_llama.LlamaAttention.forward, stream.Stream._forward
+    at = {}
+
+    def noted_forward(self, *args, **kwargs):
+        at["position"] = self.position
+        return original_forward(self, *args, **kwargs)
+
+    def attention(self, *args, **kwargs):
+        if rank == 1 and self.layer_idx == 1 and at.get("position", 0) > 160:
+            raise ValueError("injected bug on rank 1")
+        return original_attention(self, *args, **kwargs)
+
+    stream.Stream._forward, modeling_llama.LlamaAttention.forward = noted_forward, attention
+    began, stderr, raised, code = time.monotonic(), io.StringIO(), None, None
+    try:
+        with contextlib.redirect_stderr(stderr):
+            code = typer.main.get_command(app).main(
+                ["sweep", "--model", "tiny-random", "--device", "cpu", "--dataset", str(text), "--lengths", "128,256",
+                 "--chunk", "64", "--decode-steps", "5", "--method", "streaming_4_32", "--tp", "2",
+                 "--out", str(out / "failure" / "results.json")], standalone_mode=False) or 0
+    except Exception as error:
+        raised = f"{type(error).__name__}: {error}"
+    finally:
+        stream.Stream._forward, modeling_llama.LlamaAttention.forward = original_forward, original_attention
+    return {"exit": code, "raised": raised, "seconds": time.monotonic() - began, "stderr": stderr.getvalue()}
+
+
 def _main(out: Path, text: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    seen = {"equality": _equality(out, rank), "sweep_exit": _sweep(out, rank, text), "others_exit": _others(out, text)}
+    seen = {"equality": _equality(out, rank), "sweep_exit": _sweep(out, rank, text), "others_exit": _others(out, text),
+            "failure": _failure(out, rank, text)}
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
@@ -305,6 +347,21 @@ def test_oom_inside_a_forward_on_one_rank_is_agreed_without_waiting(launched):
     assert errors["baseline"] == ("rank 0: injected on rank 0 in layer 1's attention; "
                                   "rank 1: injected on rank 1 in layer 0's attention")
     assert [seen["sweep_exit"] for seen in ranks] == [0, 0]
+
+
+def test_another_error_inside_a_forward_on_one_rank_stops_every_rank_at_once(launched):
+    """A bug on rank 1 inside the model's forward: rank 1 stands in for the collective rank 0
+    waits in, raises its error; rank 0 stops with one line naming it, long before the 60 s
+    collective timeout; the point measured before it is kept."""
+    out, ranks = launched
+    zero, one = (seen["failure"] for seen in ranks)
+    assert one["raised"] == "ValueError: injected bug on rank 1" and one["exit"] is None, one
+    assert zero["exit"] == 2 and zero["raised"] is None, zero
+    assert "another rank failed in a forward of streaming_4_32 (rank 1: ValueError: injected bug on rank 1)" \
+        in zero["stderr"], zero["stderr"]
+    assert zero["seconds"] < 30, zero
+    doc = json.loads((out / "failure" / "results.json").read_text())
+    assert [(r["length"], r["status"]) for r in doc["records"]] == [(128, "ok")] and doc["complete"] is False
 
 
 def test_results_written_by_rank0_only_with_per_rank_memory_and_slowest_time(launched):
