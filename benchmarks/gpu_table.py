@@ -137,6 +137,12 @@ def build_rows(results: Path, capacity: int, target1_contexts=(8192, 32768), ref
     floor = f" (floor {h2o_compiled['floor_ms']:.2f} ms, step {h2o_compiled['tpot_ms_median']:.2f} ms)" if h2o_compiled else ""
     rows.append((f"4. H2O compiled step ÷ bandwidth floor, {reference_context}{floor}", _fmt(value), "≤ 1.40",
                  _verdict(value, 1.4)))
+    compile_info = reference.get("compile") or {}
+    if compile_info.get("ran"):
+        skips, replays = compile_info.get("cudagraph_skips"), compile_info.get("cuda_graph_replays")
+        verdict = "no CUDA" if replays is None else "met" if skips == 0 and replays else "NOT met"
+        rows.append(("4.  compiled steps replayed as CUDA graphs", f"{skips} skipped, {replays} replays",
+                     "0 skipped", verdict))
     for label, row in (("4.  beside: StaticCache + compile", static), (f"4.  beside: DynamicCache, {capacity} tokens", small),
                        (f"4.  beside: DynamicCache, full {reference_context}", full_32)):
         shown = f"{row['tpot_ms_median']:.2f} ms = {row['vs_floor']:.2f} × its floor" if row else "–"
