@@ -9,8 +9,9 @@ after saying how to resume.
 
 import functools
 import inspect
+import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import typer
@@ -136,16 +137,19 @@ def _tokens(text: str, option: str) -> int:
         raise ConfigError(f"{option}: {error}") from None
 
 
+def _quiet_rank(tp: int) -> bool:
+    """Under torchrun with --tp only rank 0 talks, prints the tables and writes the files."""
+    return tp > 1 and os.environ.get("RANK", "0") != "0"
+
+
 def _execute(schedule):
     from .run import execute
 
-    with progress_bars() as progress:
+    quiet = _quiet_rank(schedule.config.tp)
+    with nullcontext() if quiet else progress_bars() as progress:
         result = execute(schedule, progress=progress)
-    if schedule.config.tp > 1:
-        from .distributed import is_secondary
-
-        if is_secondary():  # rank 0 prints the tables and writes the file
-            raise typer.Exit(0)
+    if quiet:
+        raise typer.Exit(0)
     return result
 
 
@@ -287,8 +291,12 @@ def compare(
                                                                    run["window"])
     config = PplConfig(**shared_config(run, methods=chosen or compare_methods()), tokens=count, buckets=edges,
                        chunk=chunk, books=books)
-    with progress_bars() as progress:
-        result = run_compare(names, config, bucket_note=note, out_dir=out_dir, notify=notify, progress=progress)
+    quiet = _quiet_rank(config.tp)
+    with nullcontext() if quiet else progress_bars() as progress:
+        result = run_compare(names, config, bucket_note=note, out_dir=out_dir, progress=progress,
+                             notify=(lambda message: None) if quiet else notify)
+    if quiet:
+        raise typer.Exit(0)  # rank 0 reads the files it wrote and prints the table
     sys.stdout.write(render(build_report(result.written, datasets=names), format))
     console.print(f"results: {', '.join(map(str, result.written))}")
 

@@ -240,11 +240,29 @@ def _failure(out: Path, rank: int, text: Path) -> dict:
     return {"exit": code, "raised": raised, "seconds": time.monotonic() - began, "stderr": stderr.getvalue()}
 
 
+def _compare(out: Path, text: Path) -> dict:
+    """`kvstress compare --tp 2`: what each rank prints."""
+    import contextlib
+    import io
+
+    import typer
+
+    from kvstress.cli import app
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = typer.main.get_command(app).main(
+            ["compare", "--model", "tiny-random", "--device", "cpu", "--datasets", str(text), "--tokens", "192",
+             "--chunk", "16", "--method", "baseline,streaming_4_32", "--tp", "2", "--out-dir", str(out / "compare")],
+            standalone_mode=False) or 0
+    return {"exit": code, "printed": printed.getvalue()}
+
+
 def _main(out: Path, text: Path) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     seen = {"equality": _equality(out, rank), "sweep_exit": _sweep(out, rank, text), "others_exit": _others(out, text),
-            "failure": _failure(out, rank, text)}
+            "compare": _compare(out, text), "failure": _failure(out, rank, text)}
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
@@ -318,6 +336,15 @@ def test_ppl_needle_and_batch_under_tp2_record_what_tp1_records(launched, name, 
 
 def _results(out: Path) -> dict:
     return json.loads((out / "sweep" / "results.json").read_text())
+
+
+def test_compare_under_tp2_prints_one_table_from_rank0(launched):
+    out, ranks = launched
+    zero, one = (seen["compare"] for seen in ranks)
+    assert zero["exit"] == one["exit"] == 0
+    assert one["printed"] == ""  # rank 1 neither talks nor reads a file rank 0 may be writing
+    rows = [line for line in zero["printed"].splitlines() if line.startswith("| streaming_4_32")]
+    assert len(rows) == 1 and "–" not in rows[0].split("|")[3], zero["printed"]  # its perplexity is there
 
 
 def test_oom_on_one_rank_is_recorded_once_and_the_run_goes_on(launched):
