@@ -141,6 +141,9 @@ def test_isolate_records_a_crashed_child_and_goes_on(tmp_path, text_file, monkey
     by_method = {m: [r["status"] for r in doc["records"] if r["method"] == m] for m in ("streaming_4_48", "h2o_4_6_48")}
     assert "error" in by_method["streaming_4_48"]
     assert by_method["h2o_4_6_48"] and set(by_method["h2o_4_6_48"]) == {"ok"}
+    if command == "sweep":  # the crashed child's point before the crash (128 tokens) is kept, with its samples
+        assert by_method["streaming_4_48"] == ["ok", "error"]
+        assert {s["method"] for s in doc["samples"]} == {"streaming_4_48", "h2o_4_6_48"}
     crash = next(r for r in doc["records"] if r["status"] == "error")
     assert "killed by SIGSEGV" in crash["error"]
     assert any(e["type"] == "crash" and e["method"] == "streaming_4_48" for e in doc["events"])
