@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from targets import memory_bandwidth  # the sibling script (benchmarks/ is on sys.path when run)
 from torch._dynamo.utils import counters
 
 from kvstress import make_cache
@@ -41,31 +42,9 @@ from kvstress.caches import cache_bytes, cached_tokens
 from kvstress.caches.compiled import CompiledDecode
 from kvstress.models import cache_argument, load_model
 from kvstress.results import environment
+from kvstress.stream import synchronize
 
 WARM_UP_STEPS = 3  # untimed steps before each timed series: compilation, CUDA graph warm-up and recording
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second a large copy moves on `device`, counting the bytes read and written."""
-    nbytes = (1 << 30) if device.type == "cuda" else (1 << 27)
-    source = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    synchronize(device)
-    repeats = 10
-    began = time.perf_counter()
-    for _ in range(repeats):
-        target.copy_(source)
-    synchronize(device)
-    elapsed = time.perf_counter() - began
-    del source, target
-    return repeats * 2 * nbytes / elapsed
 
 
 class Timed:
@@ -137,7 +116,7 @@ def main() -> None:
     element = next(model.parameters()).element_size()
     kv_per_token = 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * element
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = copy_bandwidth(device)
+    bandwidth = memory_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 27))
 
     def floor_ms(tokens: int) -> float:
         return (weights + tokens * kv_per_token) / bandwidth * 1000
