@@ -124,6 +124,16 @@ def test_every_forward_samples_device_used_reserved_and_allocated(tmp_path):
     assert environment["gpu_total_memory_bytes"] == torch.cuda.get_device_properties(0).total_memory
 
 
+def short_baseline_sweep(tmp_path) -> dict:
+    """The results of a 256-token sweep of the full cache on the small model."""
+    text = write_text(tmp_path / "text.txt", 20_000)
+    out = tmp_path / "short.json"
+    result = sweep(["--model", SMALL_MODEL, "--device", DEVICE, "--dtype", SMALL_DTYPE, "--dataset", text,
+                    "--lengths", "256", "--chunk", "128", "--decode-steps", "3", "-m", "baseline", "--out", out])
+    assert result.exit_code == 0, result.output
+    return load_results(out)
+
+
 def test_nvml_failure_is_null_with_its_reason_never_zero(tmp_path, monkeypatch):
     pynvml = pytest.importorskip("pynvml")
 
@@ -131,12 +141,7 @@ def test_nvml_failure_is_null_with_its_reason_never_zero(tmp_path, monkeypatch):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
 
     monkeypatch.setattr(pynvml, "nvmlInit", broken_init)
-    text = write_text(tmp_path / "text.txt", 20_000)
-    out = tmp_path / "no-nvml.json"
-    result = sweep(["--model", SMALL_MODEL, "--device", DEVICE, "--dtype", SMALL_DTYPE, "--dataset", text,
-                    "--lengths", "256", "--chunk", "128", "--decode-steps", "3", "-m", "baseline", "--out", out])
-    assert result.exit_code == 0, result.output
-    doc = load_results(out)
+    doc = short_baseline_sweep(tmp_path)
     assert doc["samples"] and all(s["nvml_used_bytes"] is None for s in doc["samples"])
     assert all(r["peak_nvml_used_bytes"] is None for r in doc["records"])
     assert "Driver Not Loaded" in doc["environment"]["unavailable"]["nvidia_driver_version"]
@@ -150,12 +155,7 @@ def test_why_samples_have_no_device_wide_memory_is_in_the_results(tmp_path, monk
         # (what a MIG slice or a renumbered container can look like).
         pynvml = pytest.importorskip("pynvml")
         monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 0)
-    text = write_text(tmp_path / "text.txt", 20_000)
-    out = tmp_path / "why.json"
-    result = sweep(["--model", SMALL_MODEL, "--device", DEVICE, "--dtype", SMALL_DTYPE, "--dataset", text,
-                    "--lengths", "256", "--chunk", "128", "--decode-steps", "3", "-m", "baseline", "--out", out])
-    assert result.exit_code == 0, result.output
-    doc = load_results(out)
+    doc = short_baseline_sweep(tmp_path)
     assert all(s["nvml_used_bytes"] is None for s in doc["samples"])
     # Anywhere but the samples themselves and the units table ("nvml_used_bytes": "bytes").
     reasons = named_strings({key: value for key, value in doc.items() if key not in ("samples", "units")},
