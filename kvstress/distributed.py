@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from . import collectives
 from .config import ConfigError
-from .errors import KvstressError
+from .errors import KvstressError, first_line
 from .results import ResultsWriter
 
 TIMEOUT_ENV = "KVSTRESS_TP_TIMEOUT_S"
@@ -77,11 +77,6 @@ def launch_problem(tp: int) -> str | None:
 
 def current() -> Ranks | None:
     return _current
-
-
-def is_secondary() -> bool:
-    """Whether this process is a rank other than 0 of a --tp run (it prints and writes nothing)."""
-    return _current is not None and _current.rank != 0
 
 
 def start(tp: int, device: torch.device) -> Ranks:
@@ -215,7 +210,7 @@ class Ranks:
         who = (f"{', '.join(dead)} died" if dead else
                f"another rank died or stopped answering (collectives time out after {self.timeout_s:g} s, "
                f"{TIMEOUT_ENV}; torchrun's summary names the rank that failed)")
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # gloo's source location first
         return RankLost(f"rank {self.rank} lost the other ranks during {what}: {who} ({first}); what was measured "
                         "is saved: continue with the same command plus --resume")
@@ -273,7 +268,7 @@ class Ranks:
             try:
                 result, elapsed = function()
             except torch.OutOfMemoryError as error:  # its frames, holding activations, go with `error`
-                oom_message = _first_line(error) or "out of memory"
+                oom_message = first_line(error, "out of memory")
             except RunInterrupted as error:
                 interrupted = error
             except Exception as error:
@@ -293,7 +288,7 @@ class Ranks:
             self.collectives.end()
         slowest, any_oom, any_stop, any_failure = flags.tolist()
         if any_failure:
-            said = self.gather(None if failure is None else f"{type(failure).__name__}: {_first_line(failure)}",
+            said = self.gather(None if failure is None else f"{type(failure).__name__}: {first_line(failure, '')}",
                                "agreeing on an error")
             if failure is not None:
                 raise failure
@@ -325,10 +320,6 @@ class Ranks:
             local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
             total += local.numel() * local.element_size()
         return total
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
 
 
 # -- loading a model sharded --------------------------------------------------------------

@@ -46,7 +46,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .errors import KvstressError
+from .errors import KvstressError, first_line
 from .memory import format_bytes
 
 BUNDLED = "smollm2-135m"
@@ -513,8 +513,8 @@ def _load_error_message(name: str, err: Exception, offline_reason: str | None) -
             "a transformers model (a GGUF-only or adapter repository?): use the id of the "
             f"transformers checkpoint it comes from, {BUNDLED} or random:<arch>"
         )
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return f"cannot load model {name!r}: {first_line}"
+    line = first_line(err)
+    return f"cannot load model {name!r}: {line}"
 
 
 def _hub_error(err: BaseException):
@@ -570,10 +570,10 @@ def _hub_error_message(name: str, err) -> str:
             f"the Hugging Face hub refused your token when loading {name}: {login} "
             "with a valid token"
         )
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    line = first_line(err)
     return (
         f"cannot load model {name!r}: the Hugging Face hub answered HTTP {status} "
-        f"({first_line}): try again later, or pass a local folder"
+        f"({line}): try again later, or pass a local folder"
     )
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kvstress.errors import KvstressError
+from kvstress.errors import KvstressError, first_line
 from kvstress.models import hub_unreachable_reason, tokenize_text
 
 DATASETS = ("pg19", "wikitext", "shakespeare")
@@ -261,7 +261,7 @@ _SCRIPT_REFUSED = re.compile(r"scripts are no longer supported, but found (\S+\.
 def _unreadable(name: str, path: str, err: Exception) -> TextError:
     """The TextError for corpus `name` failing to load from `path` with `err`."""
     corpus = HUB_CORPORA[name]
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    line = first_line(err)
     script = _loading_script(path, err)
     if script is not None:
         version = importlib.metadata.version("datasets")
@@ -273,11 +273,11 @@ def _unreadable(name: str, path: str, err: Exception) -> TextError:
     if Path(path).exists():
         return TextError(
             f"cannot load {name} from the local copy {path} ({type(err).__name__}: "
-            f"{first_line}): a copy is laid out as {corpus.path} is on the hub "
+            f"{line}): a copy is laid out as {corpus.path} is on the hub "
             f"({corpus.layout}, with a text column)"
         )
     return _CorpusUnavailable(
-        f"cannot load {name} from {path} ({type(err).__name__}: {first_line})", corpus
+        f"cannot load {name} from {path} ({type(err).__name__}: {line})", corpus
     )
 
 
