@@ -4,7 +4,8 @@ Every measuring command (sweep, ppl, needle, batch, compare) takes the shared op
 of config.RunConfig through one decorator, builds its config, and hands a schedule to
 run.execute. Expected failures (any errors.KvstressError) print one line on stderr that
 names the fix and exit with code 2; `--debug` shows the traceback. Ctrl-C exits with 130
-after saying how to resume.
+after saying how to resume, SIGTERM (a scheduler ending the job) the same way with 143:
+from the moment a command starts (stream.stop_on_interrupt; at once until measuring starts).
 """
 
 import functools
@@ -30,7 +31,7 @@ from .config import (
 from .errors import KvstressError
 from .memory import parse_size
 from .spec import all_methods
-from .stream import RunInterrupted
+from .stream import RunInterrupted, StopNow, stop_on_interrupt
 from .tables import console, notify, progress_bars
 
 app = typer.Typer(
@@ -39,12 +40,12 @@ app = typer.Typer(
     help="Long-context stress tests for KV-cache compression policies (`kvstress policies` lists them).",
 )
 USAGE_EXIT = 2
-INTERRUPTED_EXIT = 130
 
 
 @contextmanager
 def user_errors(debug: bool):
-    """Turn expected failures into one line on stderr and exit code 2; an interrupt into 130."""
+    """Turn expected failures into one line on stderr and exit code 2; an interrupt into 130
+    (Ctrl-C) or 143 (SIGTERM)."""
     try:
         yield
     except KvstressError as error:
@@ -54,7 +55,11 @@ def user_errors(debug: bool):
         raise typer.Exit(USAGE_EXIT) from None
     except RunInterrupted as interrupted:
         console.print(f"[yellow]interrupted:[/] {interrupted}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(INTERRUPTED_EXIT) from None
+        raise typer.Exit(interrupted.exit_code) from None
+    except StopNow as stopped:  # outside a run (compare loading its model): no point was in flight
+        console.print(f"[yellow]interrupted:[/] stopped by {stopped}; what was measured is saved", markup=True,
+                      highlight=False, soft_wrap=True)
+        raise typer.Exit(stopped.exit_code) from None
 
 
 def _option(default, *names: str, help: str):
@@ -109,7 +114,7 @@ def run_options(command):
     @functools.wraps(command)
     def wrapper(**kwargs):
         run = {name: kwargs.pop(name) for name, _, _ in _SHARED}
-        with user_errors(run["debug"]):
+        with stop_on_interrupt(at_once=True), user_errors(run["debug"]):  # Ctrl-C, SIGTERM: exit 130, 143
             return command(**kwargs, run=run)
 
     wrapper.__signature__ = inspect.Signature(own + shared)
@@ -198,21 +203,14 @@ def ppl(
 ) -> None:
     """Streaming perplexity of a text under each cache: every token scored through the compressed cache."""
     from .perplexity import PplSchedule, parse_buckets
-    from .tables import print_book_spread, print_ppl
+    from .tables import print_ppl
 
     count = _tokens(tokens, "--tokens")
     edges, note = parse_buckets(buckets, count)
     config = PplConfig(**shared_config(run), tokens=count, buckets=edges, chunk=chunk, books=books, out=out)
     result = _execute(PplSchedule(config, bucket_note=note, notify=notify))
-    print_ppl(config, result.records, _overall_indices(result.events), result.text.name)
-    print_book_spread(result.events)
+    print_ppl(config, result.records, result.events, result.text.name)
     _results_line(out, "table: kvstress report")
-
-
-def _overall_indices(events: list[dict]) -> set[int]:
-    from .report import overall_events
-
-    return {event["record"] for event in overall_events(events)}
 
 
 @app.command()

@@ -106,6 +106,16 @@ class RunConfig:
         if self.tp > 1 and (self.isolate or self.compile):
             raise ConfigError(f"--tp runs each rank in its own process already and is not compiled: drop "
                               f"{'--isolate' if self.isolate else '--compile'} from a --tp {self.tp} run")
+        growing = [spec.name for spec in self.methods if getattr(spec.params, "full_layers", 0)]
+        if self.compile and growing:
+            raise ConfigError(f"{growing[0]} keeps its first layers whole, and they grow every step, but a compiled "
+                              f"step needs fixed shapes: drop --compile, or give it no full layers "
+                              f"(F = 0 in knorm_S_W_F_C)")
+        pooled = [spec.name for spec in self.methods if not spec.policy.per_head]
+        if self.tp > 1 and pooled:
+            raise ConfigError(f"{pooled[0]} pools the attention of every head of a layer, which --tp splits over "
+                              f"ranks: run it without --tp, or use its per-head variant where it has one "
+                              f"(tovahead for tova)")
         if self.device_map is not None:
             raise ConfigError("--device-map splits one process's layers over cards, but compressed caches keep every "
                               "layer's buffers on one device: shard by heads instead with "

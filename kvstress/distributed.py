@@ -15,8 +15,8 @@ What the ranks agree on, after every measured forward (`Ranks.forward`, one all-
     faults   an out-of-memory error (or the --max-memory budget) on any rank is raised on
              every rank, so each records the same "oom" point and goes on together, also
              when it struck halfway through the model's forward, while the other ranks
-             waited in a collective (collectives.py); Ctrl-C likewise stops every rank
-             after the same step
+             waited in a collective (collectives.py); Ctrl-C or SIGTERM likewise stops
+             every rank after the same step (and each exits as SIGTERM asked, if any rank got it)
     memory   each record's peaks and cache bytes are summed over the ranks (the job's
              memory, comparable with a --tp 1 record); a "ranks" event beside it holds
              every rank's own figures
@@ -53,7 +53,7 @@ TIMEOUT_ENV = "KVSTRESS_TP_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
 # The record fields summed over the ranks (each rank's own are in the "ranks" event).
 MEMORY_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_nvml_used_bytes", "peak_rss_bytes",
-                 "cache_bytes")
+                 "cache_bytes", "cache_allocated_bytes")
 _STORE_KEY = "kvstress/rank/{}"
 
 _current: Ranks | None = None
@@ -256,7 +256,8 @@ class Ranks:
         first stands in for the collectives they still wait in (collectives.py), so that every
         rank reaches the agreement (one all-reduce). Any other error on one rank stops every
         rank the same way, at once (the failed rank raises it, the others name it), rather
-        than after the collective timeout. Ctrl-C on any rank stops every rank here."""
+        than after the collective timeout. Ctrl-C or SIGTERM on any rank stops every rank here
+        (with the highest signal number asked for on any: SIGTERM over SIGINT)."""
         from .stream import RunInterrupted
 
         interrupted: RunInterrupted | None = None
@@ -281,7 +282,7 @@ class Ranks:
                                  self.collectives.stand_in, self._tensor_device)
             else:
                 self.collectives.agreeing()
-            flags = torch.tensor([elapsed, float(oom_message is not None), float(interrupted is not None),
+            flags = torch.tensor([elapsed, float(oom_message is not None), float(interrupted.signum if interrupted else 0),
                                   float(failure is not None)], dtype=torch.float64, device=self._tensor_device)
             self._collective(what, dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         finally:
@@ -299,7 +300,7 @@ class Ranks:
             said = self.gather(oom_message, "agreeing on an out-of-memory error")
             raise torch.OutOfMemoryError("; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text))
         if any_stop:
-            raise interrupted or RunInterrupted(stopped())
+            raise RunInterrupted(str(interrupted) if interrupted else stopped(), int(any_stop))
         return result, elapsed, slowest
 
     def combine(self, stream, record: dict, writer) -> dict:

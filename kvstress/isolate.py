@@ -6,6 +6,11 @@ file (so it knows what a resumed run already has), measures the one method throu
 the same schedule and stream core as an in-process run, and writes as it goes
 (atomically, like every results file). The parent merges what the child added and,
 if the child died, records the point it was heading for as an "error" with the cause.
+
+Ctrl-C and SIGTERM reach the child too: the parent passes each one on (stream.StopRequest;
+the child counts a copy of one it got itself, from a process-group signal, as one), the
+child stops after its forward and exits 128 + the signal, and the parent merges what it
+measured and stops the run. A child ended by either signal is interrupted, not crashed.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from pathlib import Path
 
 from .results import RECORD_FIELDS, ResultsWriter, load_results
 from .spec import MethodSpec, parse_spec
-from .stream import Progress, RunInterrupted
+from .stream import STOP_SIGNALS, Progress, RunInterrupted, StopRequest
 
 # Fault injection for tests: "METHOD:TOKENS" makes the child for METHOD kill itself
 # with SIGSEGV once it has fed TOKENS tokens.
 CRASH_ENV = "KVSTRESS_INJECT_CRASH"
+# How long a parent stopped at once (a second signal) waits for its child to stop too.
+_CHILD_STOP_S = 10.0
 
 
 class _CrashInjector(Progress):
@@ -41,26 +48,29 @@ def _child(schedule_type: type, config_json: dict, part: str, method: str) -> No
     from .run import record_model
     from .stream import Harness, stop_on_interrupt
 
-    config = schedule_type.config_type.from_json(config_json, out=Path(part))
-    schedule = schedule_type(config)
-    spec = parse_spec(method)
-    writer = ResultsWriter.resume(part, config.to_json(), kind=config.kind, defaults=type(config).json_defaults())
-    tokenizer = models.load_tokenizer(config.model)
-    schedule.check(tokenizer)
-    schedule.prepare(schedule.load_text(tokenizer), writer)
-    loaded = models.load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
-    record_model(loaded, writer, lambda message: None, schedule.random_weights_note)
-    crash_method, _, crash_tokens = os.environ.get(CRASH_ENV, "").partition(":")
-    progress = _CrashInjector(int(crash_tokens)) if crash_method == method else None
-    with stop_on_interrupt() as stop_requested:
-        harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
-                          stop_requested=stop_requested)
+    with stop_on_interrupt(at_once=True) as stop:  # a signal during start-up stops the child at once
         try:
-            schedule.run_method(harness, spec)
-        except RunInterrupted:
-            sys.exit(130)
-        finally:
-            harness.flush_samples()
+            config = schedule_type.config_type.from_json(config_json, out=Path(part))
+            schedule = schedule_type(config)
+            spec = parse_spec(method)
+            writer = ResultsWriter.resume(part, config.to_json(), kind=config.kind,
+                                          defaults=type(config).json_defaults())
+            tokenizer = models.load_tokenizer(config.model)
+            schedule.check(tokenizer)
+            schedule.prepare(schedule.load_text(tokenizer), writer)
+            loaded = models.load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
+            record_model(loaded, writer, lambda message: None, schedule.random_weights_note)
+            crash_method, _, crash_tokens = os.environ.get(CRASH_ENV, "").partition(":")
+            progress = _CrashInjector(int(crash_tokens)) if crash_method == method else None
+            with stop.deferred():
+                harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
+                                  stop_requested=stop)
+                try:
+                    schedule.run_method(harness, spec)
+                finally:
+                    harness.flush_samples()
+        except (RunInterrupted, KeyboardInterrupt) as interrupted:  # StopNow is a KeyboardInterrupt
+            sys.exit(128 + (getattr(interrupted, "signum", None) or stop.signum or signal.SIGINT))
 
 
 def describe_exit(code: int | None) -> str:
@@ -69,9 +79,21 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def run_method_isolated(schedule, spec: MethodSpec, writer: ResultsWriter) -> int | None:
+def stop_signal(code: int | None, stop: StopRequest) -> int | None:
+    """The stop signal that ended a child with exit code `code`, or None: it stopped on one
+    (128 + N), or one killed it before it could catch it (-N, still importing); any end once
+    the parent itself was asked to stop."""
+    for signum in STOP_SIGNALS:
+        if code in (128 + signum, -signum):
+            return signum
+    return stop.signum if code != 0 and stop() else None
+
+
+def run_method_isolated(schedule, spec: MethodSpec, writer: ResultsWriter, stop: StopRequest | None = None) -> int | None:
     """Run `spec` in a child; merge what it added into `writer`. Returns the child's exit code;
-    RunInterrupted when the child was interrupted."""
+    RunInterrupted when the child was interrupted. `stop`: the run's stop request, whose
+    signals are passed on to the child (execute's); the child stops with the parent."""
+    stop = stop if stop is not None else StopRequest()  # one that never asks
     part = writer.path.with_name(f".{writer.path.name}.{spec.name}.part")
     shutil.copyfile(writer.path, part)
     base = load_results(part)
@@ -79,7 +101,31 @@ def run_method_isolated(schedule, spec: MethodSpec, writer: ResultsWriter) -> in
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state inherited
     child = context.Process(target=_child, args=(type(schedule), schedule.config.to_json(), str(part), spec.name))
     child.start()
-    child.join()
+    try:
+        with stop.forwarding(child.pid):
+            child.join()
+    finally:  # also when the parent was stopped at once (a second signal, passed on to the child)
+        child.join(_CHILD_STOP_S)
+        if child.is_alive():
+            child.kill()
+            child.join()
+        _merge(part, writer, records, events, samples)
+    signum = stop_signal(child.exitcode, stop)
+    if signum is not None:
+        raise RunInterrupted(f"{spec.name} was interrupted", signum)
+    if child.exitcode != 0:
+        cause = f"the child process {describe_exit(child.exitcode)}"
+        writer.add_event({"method": spec.name, "type": "crash", "message": cause})
+        point = schedule.crash_point(spec, [r for r in writer.records if r["method"] == spec.name])
+        if point is not None:
+            record = dict.fromkeys(RECORD_FIELDS, None)
+            record.update(method=spec.name, status="error", error=cause, **point)
+            writer.add_record(record)
+    return child.exitcode
+
+
+def _merge(part: Path, writer: ResultsWriter, records: int, events: int, samples: int) -> None:
+    """Add what the child wrote to its copy `part` (past the first records, events, samples) to `writer`."""
     doc = load_results(part)
     part.unlink()
     offset = len(writer.records) - records
@@ -92,14 +138,3 @@ def run_method_isolated(schedule, spec: MethodSpec, writer: ResultsWriter) -> in
             event = {**event, "record": event["record"] + offset}  # an index into records
         writer.add_event(event)
     writer.add_samples(doc["samples"][samples:])
-    if child.exitcode == 130:
-        raise RunInterrupted(f"{spec.name} was interrupted")
-    if child.exitcode != 0:
-        cause = f"the child process {describe_exit(child.exitcode)}"
-        writer.add_event({"method": spec.name, "type": "crash", "message": cause})
-        point = schedule.crash_point(spec, [r for r in writer.records if r["method"] == spec.name])
-        if point is not None:
-            record = dict.fromkeys(RECORD_FIELDS, None)
-            record.update(method=spec.name, status="error", error=cause, **point)
-            writer.add_record(record)
-    return child.exitcode

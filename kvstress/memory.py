@@ -2,13 +2,15 @@
 
 The runner samples memory after every forward, so :class:`MemorySampler` must be
 cheap and must never fail a run. It reports memory three ways and says which is
-which (see "Measuring honestly" in DESIGN.md):
+which:
 
     allocated_bytes   tensor bytes held by torch's CUDA caching allocator
     reserved_bytes    bytes the allocator has reserved from the driver
     nvml_used_bytes   device-wide used memory as NVML sees it (other processes too)
     rss_bytes         this process's resident memory (the only measure on CPU)
-    cache_bytes       the KV cache's own size, passed in by the caller
+    cache_bytes       the KV cache's own size between forwards, passed in by the caller
+    cache_allocated_bytes  the same with a compressed cache's room for a forward's new
+                      tokens (what the budget counts)
 
 A measure that cannot be taken is ``None`` and :attr:`MemorySampler.unavailable`
 says why; it is never reported as 0.
@@ -223,8 +225,12 @@ class MemorySampler:
 
     # -- sampling ---------------------------------------------------------------
 
-    def sample(self, cache_bytes: int | None = None) -> dict:
-        """Read every measure now; cache_bytes (the KV cache's size) is passed through."""
+    def sample(self, cache_bytes: int | None = None, cache_allocated_bytes: int | None = None) -> dict:
+        """Read every measure now; the KV cache's sizes are passed through: cache_bytes what it
+        holds between forwards, cache_allocated_bytes with its room for a forward's tokens
+        (the same as cache_bytes where not given)."""
+        if cache_allocated_bytes is None:
+            cache_allocated_bytes = cache_bytes
         allocated = reserved = None
         if self._cuda:
             allocated = torch.cuda.memory_allocated(self.device)
@@ -245,6 +251,7 @@ class MemorySampler:
             "nvml_used_bytes": nvml_used,
             "rss_bytes": rss,
             "cache_bytes": cache_bytes,
+            "cache_allocated_bytes": cache_allocated_bytes,
         }
 
     def peak(self) -> dict:
@@ -319,12 +326,15 @@ class MemoryBudget:
         """The budgeted bytes of a sample and the name of the measure used."""
         if sample.get("allocated_bytes") is not None:
             return sample["allocated_bytes"], "torch allocated"
-        if sample.get("cache_bytes") is None:
+        # What the cache has allocated, its room for a prefill chunk included: that is what takes memory.
+        cache = sample.get("cache_allocated_bytes")
+        cache = sample.get("cache_bytes") if cache is None else cache
+        if cache is None:
             raise ValueError(
                 "a memory budget without CUDA needs cache_bytes in the sample: "
                 "pass the cache's size to MemorySampler.sample(cache_bytes)"
             )
-        return self.base_bytes + sample["cache_bytes"], "weights + KV cache"
+        return self.base_bytes + cache, "weights + KV cache"
 
     def check(self, sample: dict) -> int:
         """Return the budgeted bytes; raise BudgetExceeded when they exceed the limit."""

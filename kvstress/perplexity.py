@@ -20,18 +20,30 @@ A prediction's *context length* is p + 1 (the tokens it has seen); length bucket
 Results (kind "ppl", see results.py) are written as the run goes, one method after
 the other:
 
-    per method × bucket  length = bucket end, nll_mean, perplexity, tokens_scored
-                         (that bucket's), status "ok"; every other field null
-    per method, overall  length = N, nll_mean / perplexity / tokens_scored over all N,
+    per method × bucket  scope "bucket", length = bucket end, nll_mean, perplexity,
+                         tokens_scored (that bucket's), status "ok"; every other field null
+    per method, overall  scope "overall", length = N, nll_mean / perplexity /
+                         tokens_scored over all N,
                          batch_size 1, tpot_ms_median / p90 (forward time per token),
                          throughput_tok_s (N / total forward time), attn_ms_mean,
                          peak memory, cache_bytes, cache_tokens; and right after it an
                          event {"type": "ppl_overall", "method", "record": its index in
                          "records", "length": N, "total_s": total forward time}.
-                         The event is what marks the record as the overall one: its
-                         length may equal the last bucket's end.
+                         "scope" tells the overall record from the last bucket's (the
+                         same length); files written before that field have only the
+                         event to tell them apart (report.ppl_scopes).
     out of memory        a record with status "oom" at the bucket it was heading for,
                          and an "oom" event; the next method runs.
+
+With --books (several PG-19 books, one sample each) each book is streamed on its own:
+a "ppl_book" event per book (its overall and bucket NLL and perplexity); then the same
+records as above, each POOLING the books' tokens (every book scores the same number of
+tokens, so the mean of the books' NLLs is the mean NLL over all their tokens, and the
+record's perplexity is exp of it: the "pooled" perplexity); then a "ppl_books" event
+with the spread across books of each book's own perplexity: perplexity_mean (the
+arithmetic mean of the books' perplexities, not the pooled one), perplexity_stdev (their
+SAMPLE standard deviation, n − 1 denominator; null for one book), perplexity_min,
+perplexity_max, and the same per bucket under "buckets".
 
 Timing: each forward is timed by the stream core (synchronized on CUDA). The last
 forward of a bucket that took several forwards is an attention-time probe (hooks on
@@ -55,19 +67,18 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, PplConfig, parse_length
-from .report import OVERALL_EVENT, overall_events
+from .report import BOOKS_EVENT, OVERALL_EVENT, overall_events
 from .run import Schedule, execute
 from .spec import MethodSpec, parse_spec
 from .stream import AttentionTimer, Harness
 from .sweep import perplexity
 
 DEFAULT_TOKENS = 4096
-# The seed experiment's six configurations (SEED_RESULTS.md).
+# The seed experiment's six configurations (docs/seed-experiment.md).
 COMPARE_METHODS = ("baseline", "streaming_8_256", "streaming_8_512", "h2o_4_32_256", "h2o_8_32_256", "h2o_8_64_512")
 COMPARE_DATASETS = ("pg19", "wikitext")
-# --books: each book's scores as it finishes, then the spread across books per method.
+# --books: each book's scores as it finishes, then the spread across books per method (BOOKS_EVENT).
 BOOK_EVENT = "ppl_book"
-BOOKS_EVENT = "ppl_books"
 
 
 def parse_buckets(text: str | None, tokens: int) -> tuple[tuple[int, ...], str | None]:
@@ -188,16 +199,14 @@ class PplSchedule(Schedule):
         for i, (lo, hi) in enumerate(self.config.bucket_ranges):
             writer.add_record({**_bucket_record(spec, lo, hi, statistics.fmean(e["buckets"][i]["nll_mean"] for e in per_book)),
                                "tokens_scored": (hi - lo) * count})
-        perplexities = [e["perplexity"] for e in per_book if e["perplexity"] is not None]
         nll_mean = statistics.fmean(e["nll_mean"] for e in per_book)
         self._write_overall(writer, spec, {
             "nll_mean": nll_mean, "perplexity": perplexity(nll_mean), "tokens_scored": self.config.tokens * count,
             "total_s": sum(e["total_s"] for e in per_book), "measured": {}, "attn_ms_mean": None})
         writer.add_event({"type": BOOKS_EVENT, "method": spec.name, "books": [e["book"] for e in per_book],
-                          "perplexity_mean": statistics.fmean(perplexities) if perplexities else None,
-                          "perplexity_stdev": statistics.stdev(perplexities) if len(perplexities) > 1 else None,
-                          "perplexity_min": min(perplexities, default=None),
-                          "perplexity_max": max(perplexities, default=None)})
+                          **book_spread([e["perplexity"] for e in per_book]),
+                          "buckets": [{"length": hi, **book_spread([e["buckets"][i]["perplexity"] for e in per_book])}
+                                      for i, (_, hi) in enumerate(self.config.bucket_ranges)]})
 
     def _score(self, harness: Harness, spec: MethodSpec, text: torch.Tensor, bucket_done) -> dict | None:
         """Stream `text` (1-D ids) under `spec`, scoring every prediction; bucket_done(lo, hi, nll) as each
@@ -241,7 +250,8 @@ class PplSchedule(Schedule):
     def _write_overall(self, writer, spec: MethodSpec, scored: dict) -> None:
         total_s = scored["total_s"]
         writer.add_record({
-            "method": spec.name, "length": self.config.tokens, "status": "ok", "batch_size": 1, **scored["measured"],
+            "method": spec.name, "length": self.config.tokens, "status": "ok", "scope": "overall", "batch_size": 1,
+            **scored["measured"],
             "throughput_tok_s": scored["tokens_scored"] / total_s if total_s > 0 else None,
             "attn_ms_mean": scored["attn_ms_mean"], "nll_mean": scored["nll_mean"], "perplexity": scored["perplexity"],
             "tokens_scored": scored["tokens_scored"],
@@ -251,8 +261,17 @@ class PplSchedule(Schedule):
 
 
 def _bucket_record(spec: MethodSpec, lo: int, hi: int, nll_mean: float) -> dict:
-    return {"method": spec.name, "length": hi, "status": "ok", "nll_mean": nll_mean,
+    return {"method": spec.name, "length": hi, "status": "ok", "scope": "bucket", "nll_mean": nll_mean,
             "perplexity": perplexity(nll_mean), "tokens_scored": hi - lo}
+
+
+def book_spread(perplexities: Sequence[float | None]) -> dict:
+    """The spread of the books' own perplexities (a book whose perplexity overflowed is left out):
+    arithmetic mean, sample standard deviation (n − 1; None below two books), minimum, maximum."""
+    values = [value for value in perplexities if value is not None]
+    return {"perplexity_mean": statistics.fmean(values) if values else None,
+            "perplexity_stdev": statistics.stdev(values) if len(values) > 1 else None,
+            "perplexity_min": min(values, default=None), "perplexity_max": max(values, default=None)}
 
 
 # --- compare: the seed's table ----------------------------------------------------------
@@ -284,6 +303,8 @@ def run_compare(datasets: Sequence[str], config: PplConfig, *, bucket_note: str 
                        out=Path(out_dir) / f"{dataset_file_stem(name)}.json") for name in datasets]
     if len({c.out for c in configs}) != len(configs):
         raise ConfigError(f"--datasets {','.join(datasets)} would write two results files with one name: name each once")
+    if config.resume and any(c.out.exists() for c in configs):  # stopped in an earlier dataset: start the later ones
+        configs = [c if c.out.exists() else replace(c, resume=False) for c in configs]
     for c in configs:
         if c.out.exists() and not (c.force or c.resume):
             raise ResultsError(f"results file {c.out} already exists: use --force, --resume, another --out-dir, "

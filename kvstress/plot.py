@@ -191,7 +191,7 @@ def _sweep_panels(records: list[dict]) -> list[tuple[str, str]]:
     if has("peak_allocated_bytes"):
         panels.append(("peak_allocated_bytes", "peak torch allocated"))
     if has("cache_bytes"):
-        panels.append(("cache_bytes", "KV cache"))
+        panels.append(("cache_bytes", "KV cache held between forwards"))
     if not has("peak_allocated_bytes") and has("peak_rss_bytes"):
         panels.append(("peak_rss_bytes", "peak process RSS"))
     panels.append(("tpot_ms_median", "TPOT (ms): median, band to p90"))
@@ -280,9 +280,9 @@ def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None)
     """Perplexity per context-length bucket, one line per method (and file), OOMs marked.
 
     docs are loaded results dicts of kind "ppl"; each bucket's point sits at the
-    bucket's end. The overall records (see perplexity.py) are left out.
+    bucket's end. The overall records (scope "overall", see perplexity.py) are left out.
     """
-    from kvstress.report import dataset_name, split_ppl_records
+    from kvstress.report import dataset_name, pooled_books, split_ppl_records
 
     sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(docs))]
     bucket_docs = []
@@ -313,7 +313,8 @@ def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None)
     ax.set_xticks(lengths, [_length_label(n) for n in lengths])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("context length (tokens, bucket end)")
-    ax.set_ylabel("perplexity of the tokens in the bucket")
+    pooled = any(pooled_books(doc) > 1 for doc in docs)
+    ax.set_ylabel("perplexity of the tokens in the bucket" + (" (books pooled)" if pooled else ""))
     values = [record["perplexity"] for record in records if record.get("perplexity")]
     if values and max(values) / min(values) >= 20:
         # A cache that breaks down (perplexity in the thousands) would flatten the ones that do not.
@@ -339,7 +340,7 @@ def _batch_panels(records: list[dict]) -> list[tuple[str, str]]:
     elif has("peak_rss_bytes"):
         panels.append(("peak_rss_bytes", "peak process RSS"))
     if has("cache_bytes"):
-        panels.append(("cache_bytes", "KV cache"))
+        panels.append(("cache_bytes", "KV cache held between forwards"))
     return panels
 
 

@@ -2,12 +2,16 @@
 
     kvstress report pg19.json wikitext.json sweep.json --format markdown|csv|json
 
-Columns are the seed experiment's (SEED_RESULTS.md) plus context length and device:
+Columns are the seed experiment's (docs/seed-experiment.md) plus context length and device:
 
     Configuration                  the method's spec string
     Context length                 tokens scored (ppl) and the sweep length used
     Wikitext PPL, PG-19 PPL        overall perplexity of ppl results, by their dataset;
     <name> PPL                     any other dataset (shakespeare, a file) gets its own column
+    PG-19 pooled PPL (N books)     a file that scored N ≥ 2 books (--books): the perplexity of
+                                   all their tokens pooled (exp of the mean NLL over them),
+    PG-19 mean of N books' PPL ± SD  and beside it the mean of the books' own perplexities
+                                   ± their sample standard deviation (n − 1); a note says so
     Total Time (s) ... Peak Mem    time and memory: from a sweep file when one holds the
                                    method (its largest length that is ok), else from the
                                    ppl run with the most tokens (the run's forward time
@@ -39,6 +43,8 @@ from .results import ResultsError, load_results, validate_record
 FORMATS = ("markdown", "csv", "json")
 # The event that marks a ppl file's overall record (see perplexity.py).
 OVERALL_EVENT = "ppl_overall"
+# --books: the event with the spread of the books' perplexities per method (see perplexity.py).
+BOOKS_EVENT = "ppl_books"
 DATASET_COLUMNS = {"wikitext": "Wikitext PPL", "pg19": "PG-19 PPL"}
 TIME_COLUMNS = ("Total Time (s)", "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)", "Peak Mem (GB)")
 # Column → digits after the point, as in the seed table.
@@ -52,7 +58,8 @@ OOM = "OOM"
 @dataclass
 class Report:
     columns: list[str]
-    rows: list[dict]  # column → int, float, str or None (not measured); OOM for a ppl that ran out of memory
+    rows: list[dict]  # column → int, float, str or None (not measured); OOM for a ppl that ran out of memory;
+    # a books' spread column → {"mean", "stdev", "min", "max", "books"}
     notes: list[str] = field(default_factory=list)
 
 
@@ -78,13 +85,13 @@ def overall_events(events: list) -> list[dict]:
     return [event for event in events if isinstance(event, dict) and event.get("type") == OVERALL_EVENT]
 
 
-def split_ppl_records(doc: dict, path: Path | str = "results") -> tuple[list[dict], dict[str, dict]]:
-    """(bucket and oom records, overall record per method) of a ppl results dict.
+def ppl_scopes(doc: dict, path: Path | str = "results") -> list[str | None]:
+    """Each record's scope in a ppl results dict ("bucket", "overall", or None for a failed record).
 
-    The overall records are the ones a "ppl_overall" event points at by index.
+    A record's own "scope" field says it. A file written before that field has none: there the
+    records a "ppl_overall" event points at (by index) are "overall" and the other ok ones "bucket".
     """
     records = doc["records"]
-    overall: dict[str, dict] = {}
     marked: set[int] = set()
     for event in overall_events(doc["events"]):
         index = event.get("record")
@@ -92,8 +99,60 @@ def split_ppl_records(doc: dict, path: Path | str = "results") -> tuple[list[dic
                 or records[index]["method"] != event.get("method")):
             raise ResultsError(f"{path} is damaged: a {OVERALL_EVENT} event points at no matching record; rerun it")
         marked.add(index)
-        overall[records[index]["method"]] = {**records[index], "total_s": event.get("total_s")}
-    return [r for i, r in enumerate(records) if i not in marked], overall
+    return [record.get("scope") or ("overall" if i in marked else "bucket" if record.get("status") == "ok" else None)
+            for i, record in enumerate(records)]
+
+
+def split_ppl_records(doc: dict, path: Path | str = "results") -> tuple[list[dict], dict[str, dict]]:
+    """(bucket and oom records, overall record per method) of a ppl results dict, told apart by
+    their scope (ppl_scopes; filled in where an older file lacks it). An overall record gets its
+    method's total forward time, "total_s", from its "ppl_overall" event.
+    """
+    total_s = {event.get("method"): event.get("total_s") for event in overall_events(doc["events"])}
+    others: list[dict] = []
+    overall: dict[str, dict] = {}
+    for record, scope in zip(doc["records"], ppl_scopes(doc, path)):
+        if scope == "overall":
+            overall[record["method"]] = {**record, "scope": scope, "total_s": total_s.get(record["method"])}
+        else:
+            others.append({**record, "scope": scope})
+    return others, overall
+
+
+def book_spreads(doc: dict) -> dict[str, dict]:
+    """--books: each method's last "ppl_books" event (the spread of the books' own perplexities;
+    see perplexity.py), when it scored several books."""
+    return {event["method"]: event for event in doc["events"]
+            if isinstance(event, dict) and event.get("type") == BOOKS_EVENT and len(event.get("books") or ()) > 1}
+
+
+def pooled_books(doc: dict) -> int:
+    """How many books a ppl file's records pool (--books): 1 for a file of one text."""
+    if doc["config"].get("books") is None:
+        return 1
+    for event in reversed(doc["events"]):
+        if isinstance(event, dict) and event.get("type") == "dataset" and isinstance(event.get("books"), list):
+            return max(len(event["books"]), 1)
+    return max((len(e["books"]) for e in book_spreads(doc).values()), default=1)
+
+
+def pooled_column(dataset: str | None, books: int) -> str:
+    """The perplexity column of a ppl file: ppl_column, or for several books the pooled figure's."""
+    base = ppl_column(dataset)
+    return base if books < 2 else f"{base.removesuffix(' PPL')} pooled PPL ({books} books)"
+
+
+def spread_column(dataset: str | None, books: int) -> str:
+    """Several books: the column of the mean of the books' own perplexities ± their sample SD."""
+    return f"{ppl_column(dataset).removesuffix(' PPL')} mean of {books} books' PPL ± SD"
+
+
+def spread_notes(books: int | str, pooled: str = "pooled PPL", spread: str | None = None) -> tuple[str, str]:
+    """What the two perplexities of a --books run are, one line each, for a caption or the notes."""
+    spread = spread or f"mean of {books} books' PPL ± SD"
+    return (f"{pooled}: exp of the mean NLL over every scored token of the {books} books together",
+            f"{spread}: the mean of each book's own perplexity ± their sample standard deviation (n − 1), "
+            "each book one sample")
 
 
 def dataset_name(doc: dict) -> str | None:
@@ -167,7 +226,8 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
         raise ResultsError("no results files given: pass at least one results .json file")
     docs = [(path, _load(path)) for path in paths]
     rows: dict[str, _Row] = {}
-    ppl_columns = [ppl_column(name) for name in datasets]
+    books = {dataset_name(doc): pooled_books(doc) for _, doc in docs if doc["kind"] == "ppl"}
+    ppl_columns = [pooled_column(name, books.get(name, 1)) for name in datasets]
     notes: list[str] = []
     has_needle = False
 
@@ -180,24 +240,36 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
             _add_needle(doc, path, row, notes, device)
             has_needle = True
         elif doc["kind"] == "ppl":
-            column = ppl_column(dataset_name(doc))
-            if column not in ppl_columns:
-                ppl_columns.append(column)
+            count = pooled_books(doc)
+            column = pooled_column(dataset_name(doc), count)
+            spread = spread_column(dataset_name(doc), count) if count > 1 else None
+            for name in (column, spread):
+                if name is not None and name not in ppl_columns:
+                    ppl_columns.append(name)
+            if spread is not None:
+                notes.extend(f"{path.name}: {line}" for line in spread_notes(count, column, spread))
+            spreads = book_spreads(doc)
             others, overall = split_ppl_records(doc, path)
             for method in dict.fromkeys(r["method"] for r in doc["records"]):
                 entry = row(method)
                 if method in overall:
                     record = overall[method]
                     entry.ppl[column] = record["perplexity"]
+                    if spread is not None:
+                        entry.ppl[spread] = _spread_value(spreads.get(method))
                     entry.add_context(record["length"], device)
                     entry.offer_time((0, record["length"], -order), _time_columns(record, record["total_s"]),
                                      f"{path.name} (ppl)")
                 elif any(r["method"] == method and r["status"] == "oom" for r in others):
                     entry.ppl.setdefault(column, OOM)
+                    if spread is not None:
+                        entry.ppl.setdefault(spread, OOM)
                     oom = next(r for r in others if r["method"] == method and r["status"] == "oom")
                     notes.append(f"{method}: out of memory heading for {oom['length']} tokens in {path.name}")
                 else:
                     entry.ppl.setdefault(column, None)
+                    if spread is not None:
+                        entry.ppl.setdefault(spread, None)
                     notes.append(f"{method}: {path.name} has no overall perplexity (run interrupted?)")
         else:
             for method in dict.fromkeys(r["method"] for r in doc["records"]):
@@ -231,6 +303,14 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
     if sources:
         notes.insert(0, f"time and memory from: {', '.join(sources)}")
     return Report(columns, table, notes)
+
+
+def _spread_value(event: dict | None) -> dict | None:
+    """A "ppl_books" event as a spread cell; None when the file lacks it."""
+    if event is None or event.get("perplexity_mean") is None:
+        return None
+    return {"mean": event["perplexity_mean"], "stdev": event.get("perplexity_stdev"),
+            "min": event.get("perplexity_min"), "max": event.get("perplexity_max"), "books": len(event["books"])}
 
 
 def _add_needle(doc: dict, path: Path, row, notes: list[str], device: str | None) -> None:
@@ -272,7 +352,9 @@ def format_value(column: str, value) -> str:
         return MISSING
     if isinstance(value, str):
         return value
-    if column.endswith(" PPL"):
+    if isinstance(value, dict):  # mean ± sample SD of several books' perplexities
+        return f"{value['mean']:.2f}" + ("" if value.get("stdev") is None else f" ± {value['stdev']:.2f}")
+    if " PPL" in column:
         return f"{value:.2f}"
     if column in _DIGITS:
         return f"{value:.{_DIGITS[column]}f}"
@@ -305,5 +387,5 @@ def render(report: Report, fmt: str = "markdown") -> str:
     return text
 
 
-__all__ = ["FORMATS", "MISSING", "OVERALL_EVENT", "Report", "build_report", "dataset_name", "overall_events", "ppl_column",
-           "render", "split_ppl_records"]
+__all__ = ["BOOKS_EVENT", "FORMATS", "MISSING", "OVERALL_EVENT", "Report", "book_spreads", "build_report", "dataset_name",
+           "overall_events", "ppl_column", "ppl_scopes", "pooled_books", "render", "split_ppl_records"]

@@ -11,7 +11,8 @@ read these files only (never a model). The layout:
     config              the validated run config, as the caller gave it
     environment         versions, device, driver, git commit: see environment()
     units               the unit of every numeric record and sample field
-    records             one per method x checkpoint (RECORD_FIELDS)
+    records             one per method x checkpoint (RECORD_FIELDS); a ppl record's
+                        "scope" (SCOPES) names the tokens its perplexity covers
     events              OOMs, fallbacks and other notes, in order
     samples             per-forward memory samples (SAMPLE_FIELDS), one per line
 
@@ -39,6 +40,11 @@ FORMAT = "kvstress-results"
 VERSION = 1
 KINDS = ("sweep", "ppl", "batch", "needle")
 STATUSES = ("ok", "oom", "error")
+# A ppl record's "scope": which predictions its nll_mean, perplexity and tokens_scored cover
+# (see perplexity.py). "bucket": those whose context length lies in the bucket ending at its
+# length; "overall": all of them. With --books, either pools the books' tokens. Null on other
+# kinds' records and on failed ones; files written before the field have none (report.ppl_scopes).
+SCOPES = ("bucket", "overall")
 PHASES = ("prefill", "decode")
 
 # Field → unit. "1" marks a dimensionless number.
@@ -56,7 +62,8 @@ RECORD_UNITS = {
     "peak_reserved_bytes": "bytes",
     "peak_nvml_used_bytes": "bytes",
     "peak_rss_bytes": "bytes",
-    "cache_bytes": "bytes",
+    "cache_bytes": "bytes",  # what the cache holds between forwards
+    "cache_allocated_bytes": "bytes",  # with a compressed cache's room for a forward's new tokens
     "cache_tokens": "tokens",
     "nll_mean": "nats/token",
     "perplexity": "1",
@@ -71,11 +78,12 @@ SAMPLE_UNITS = {
     "nvml_used_bytes": "bytes",
     "rss_bytes": "bytes",
     "cache_bytes": "bytes",
+    "cache_allocated_bytes": "bytes",
 }
 UNITS = {**RECORD_UNITS, **SAMPLE_UNITS}
 
 # timing_unstable: the spread or the machine's load says a timing ratio may be noise (stream.py).
-RECORD_FIELDS = ("method", "length", "status", *list(RECORD_UNITS)[1:], "timing_unstable", "error")
+RECORD_FIELDS = ("method", "length", "status", *list(RECORD_UNITS)[1:], "scope", "timing_unstable", "error")
 _BOOLEAN_FIELDS = {"timing_unstable"}
 SAMPLE_FIELDS = ("method", "step", "tokens_seen", "phase", *list(SAMPLE_UNITS)[2:])
 # Counts and byte sizes are whole numbers; the rest are measurements.
@@ -128,6 +136,8 @@ def validate_record(record: dict) -> dict:
     full = _check_fields(record, RECORD_FIELDS, "record")
     if full["status"] not in STATUSES:
         raise ValueError(f"record status must be one of {STATUSES}, got {full['status']!r}")
+    if full["scope"] is not None and full["scope"] not in SCOPES:
+        raise ValueError(f"record scope must be one of {SCOPES} or None, got {full['scope']!r}")
     return full
 
 

@@ -7,8 +7,11 @@
          fails before the weights load); the environment is in the file from step 1
       3. each method the file does not hold yet: in this process through the stream core,
          or with --isolate in a child process (isolate.py)
-      4. Ctrl-C: everything measured is kept and RunInterrupted says how to resume; a run
-         that fails before it measured anything leaves no file behind
+      4. Ctrl-C or SIGTERM: everything measured is kept and RunInterrupted says how to resume
+         (and which signal asked: the command exits with 130 or 143); during start-up a signal
+         stops at once, while measuring after the current forward (stream.StopRequest), and
+         with --isolate it is passed on to the child; a run that fails before it measured
+         anything leaves no file behind
 
 A command is a Schedule subclass (sweep.py, perplexity.py, needle.py, batch.py): what
 text it needs, what it prepares from it, and what one method's measurement is.
@@ -111,38 +114,44 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
     writer = open_results(config, device, notify) if ranks is None else ranks.open_results(
         lambda: open_results(config, device, notify))
     try:
-        with stop_on_interrupt() as stop_requested:
-            tokenizer = loaded.tokenizer if loaded is not None else models.load_tokenizer(config.model)
-            schedule.check(tokenizer)
-            text = text if text is not None else schedule.load_text(tokenizer)
-            record_text(text, writer, notify)
-            schedule.prepare(text, writer)
-            if config.isolate:
-                from .isolate import run_method_isolated
+        with stop_on_interrupt() as stop:  # under the CLI, the one it installed before start-up
+            with stop.at_once():  # nothing polls the stop until the first measured forward
+                tokenizer = loaded.tokenizer if loaded is not None else models.load_tokenizer(config.model)
+                schedule.check(tokenizer)
+                text = text if text is not None else schedule.load_text(tokenizer)
+                record_text(text, writer, notify)
+                schedule.prepare(text, writer)
+                if not config.isolate:
+                    loaded = loaded if loaded is not None else models.load_model(
+                        config.model, device=str(device) if ranks else config.device, dtype=config.dtype,
+                        seed=config.seed, tp=config.tp)
+                    record_model(loaded, writer, notify, schedule.random_weights_note)
+            with stop.deferred():
+                if config.isolate:
+                    from .isolate import run_method_isolated
 
-                for spec in config.methods:
-                    if not schedule.is_done(spec, writer):
-                        written = len(writer.records)
-                        run_method_isolated(schedule, spec, writer)
-                        report_failures(writer.records[written:], notify)
-            else:
-                loaded = loaded if loaded is not None else models.load_model(
-                    config.model, device=str(device) if ranks else config.device, dtype=config.dtype,
-                    seed=config.seed, tp=config.tp)
-                record_model(loaded, writer, notify, schedule.random_weights_note)
-                harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
-                                  stop_requested=stop_requested)
-                record_unavailable_measures(harness, writer)
-                for spec in config.methods:
-                    if not schedule.is_done(spec, writer):
-                        written = len(writer.records)
-                        schedule.run_method(harness, spec)
-                        harness.flush_samples()
-                        report_failures(writer.records[written:], notify)
-                        record_unavailable_measures(harness, writer)
-    except (RunInterrupted, KeyboardInterrupt):
+                    for spec in config.methods:
+                        if not schedule.is_done(spec, writer):
+                            if stop():  # asked after the last child's last forward: start no other
+                                raise RunInterrupted(f"stopped before {spec.name}", stop.signum)
+                            written = len(writer.records)
+                            run_method_isolated(schedule, spec, writer, stop)
+                            report_failures(writer.records[written:], notify)
+                else:
+                    harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
+                                      stop_requested=stop)
+                    record_unavailable_measures(harness, writer)
+                    for spec in config.methods:
+                        if not schedule.is_done(spec, writer):
+                            written = len(writer.records)
+                            schedule.run_method(harness, spec)
+                            harness.flush_samples()
+                            report_failures(writer.records[written:], notify)
+                            record_unavailable_measures(harness, writer)
+    except (RunInterrupted, KeyboardInterrupt) as interrupted:  # StopNow is a KeyboardInterrupt
         raise RunInterrupted(f"{len(writer.records)} records are saved in {config.out}; "
-                             f"continue with the same command plus --resume") from None
+                             f"continue with the same command plus --resume",
+                             getattr(interrupted, "signum", None)) from None
     except BaseException:
         if not config.resume and not writer.records and (ranks is None or ranks.rank == 0):
             Path(config.out).unlink(missing_ok=True)  # nothing measured: nothing left to block the rerun

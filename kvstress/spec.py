@@ -116,6 +116,9 @@ class Policy:
     description: str
     cache: Callable[..., Any]
     in_all: bool = False  # run by `--method all`
+    # Whether each KV head decides its own evictions. A policy that pools a layer's heads
+    # (the authors' TOVA) cannot run sharded by heads (--tp) without gathering the ranks.
+    per_head: bool = True
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):

@@ -1,11 +1,11 @@
 """The measured stream: the one place where text goes through the model under a cache and is measured.
 
     Harness   what every method of a run shares: the model, the results writer, memory
-              sampling and the --max-memory budget, progress, the Ctrl-C check, warm-up,
+              sampling and the --max-memory budget, progress, the stop check (Ctrl-C, SIGTERM), warm-up,
               the compiled decode step (--compile) and the one OOM guard
     Stream    one method's cache and its position in the text. Every forward of every
               command goes through Stream.forward: timed (synchronised on CUDA), memory
-              sampled, the budget checked, progress advanced, Ctrl-C polled
+              sampled, the budget checked, progress advanced, a stop (Ctrl-C, SIGTERM) polled
 
 A command is a schedule over it (sweep.py, perplexity.py, needle.py, batch.py): which
 tokens to feed, when to open a stream, what to write. The shape of every schedule:
@@ -41,8 +41,10 @@ from .models import cache_argument
 from .results import RECORD_FIELDS
 from .spec import MethodSpec
 
-# Signals this close together are one Ctrl-C (stop_on_interrupt).
+# Signals this close together are one Ctrl-C or SIGTERM (stop_on_interrupt).
 _SAME_CTRL_C_S = 1.0
+# The signals that stop a run: Ctrl-C, and what a scheduler (Slurm, Kubernetes) sends before it kills a job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Tokens of the warm-up stream run before each method is measured.
 _WARMUP_TOKENS = 64
 # Decode steps a compiled step needs before it is measured: compilation, then on CUDA
@@ -58,7 +60,31 @@ UNSTABLE_LOAD = 0.5
 
 
 class RunInterrupted(Exception):
-    """The user asked the run to stop (Ctrl-C); everything finished is already written."""
+    """The user asked the run to stop (Ctrl-C, or SIGTERM); everything finished is already written.
+
+    signum: the signal that asked; the command exits with 128 + signum (130, 143)."""
+
+    def __init__(self, message: str = "", signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum or signal.SIGINT
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopNow(KeyboardInterrupt):
+    """A stop signal that cannot wait for the step to end (a second one, or one during start-up).
+
+    A KeyboardInterrupt, so that no `except Exception` in the libraries underneath swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class Progress:
@@ -108,34 +134,107 @@ def timing_stats(step_ms: list[float]) -> dict:
     return {"tpot_ms_median": median, "tpot_ms_p90": p90, "tpot_spread": p90 / median if median > 0 else None}
 
 
+class StopRequest:
+    """Whether a stop signal (Ctrl-C's SIGINT, or SIGTERM) asked the run to stop, and which.
+
+    Called, it says whether one did: the harness polls it after every forward. `signum` is the
+    signal that asked (SIGTERM once one came: a scheduler is ending the job). Where no forward
+    polls it (start-up: the results file, the text, the model), a signal stops at once
+    (`at_once()`); while measuring (`deferred()`) the first one waits for the step to end.
+    Either way a second one, more than a second after the first, stops at once (StopNow).
+    `forwarding(pid)` passes each signal on to a child process (--isolate).
+    """
+
+    def __init__(self, *, at_once: bool = False):
+        self.signum: int | None = None
+        self._at_once = at_once
+        self._acted: list[float] = []  # when the signals that were acted on came
+        self._children: list[int] = []
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum != signal.SIGTERM:
+            self.signum = signum
+        now = time.monotonic()
+        if self._acted and now - self._acted[-1] <= _SAME_CTRL_C_S:
+            return  # the same signal again: torchrun, or --isolate's parent, passes it on
+        self._acted.append(now)
+        for pid in self._children:
+            _send(pid, signum)
+        if self._at_once or len(self._acted) > 1:
+            raise StopNow(self.signum)
+
+    @contextmanager
+    def at_once(self) -> Iterator[None]:
+        """Work that no forward polls the stop in: a signal stops it at once."""
+        yield from self._mode(True)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Measuring: a first signal stops the run after the current forward."""
+        yield from self._mode(False)
+
+    def _mode(self, at_once: bool) -> Iterator[None]:
+        if self():
+            raise StopNow(self.signum)  # asked for after the last poll (compare: in an earlier run)
+        previous, self._at_once = self._at_once, at_once
+        try:
+            yield
+        finally:
+            self._at_once = previous
+
+    @contextmanager
+    def forwarding(self, pid: int) -> Iterator[None]:
+        """Pass every stop signal on to process `pid` (one that came before too): it stops with us."""
+        self._children.append(pid)
+        try:
+            if self():
+                _send(pid, self.signum)
+            yield
+        finally:
+            self._children.remove(pid)
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass  # it has ended already
+
+
+_active: StopRequest | None = None
+
+
 @contextmanager
-def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C once: the run stops after the current step, keeping what it measured. Twice: now.
+def stop_on_interrupt(*, at_once: bool = False) -> Iterator[StopRequest]:
+    """Ctrl-C or SIGTERM once: the run stops after the current step, keeping what it measured. Twice: now.
 
     Two within a second count as one: under torchrun every rank gets the terminal's Ctrl-C
     and then the same signal again from torchrun, which passes it on to its workers (and
     kills them 30 s later), and each rank must stop after the same step as the others.
-    Yields the function the harness polls; the previous handler is restored on exit.
-    Outside the main thread (signals cannot be caught there) Ctrl-C is never requested.
+    Yields the StopRequest the harness polls; the previous handlers are restored on exit.
+    at_once: a signal stops at once until a deferred() region (the CLI's start-up). Used
+    again inside itself, it yields the request already installed (the CLI's, inside a run).
+    Outside the main thread (signals cannot be caught there) a stop is never requested.
     """
+    global _active
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield StopRequest()
         return
-    requested = threading.Event()
-    first = []
-
-    def handle(signum, frame):
-        if requested.is_set() and time.monotonic() - first[0] > _SAME_CTRL_C_S:
-            raise KeyboardInterrupt
-        if not requested.is_set():
-            first.append(time.monotonic())
-        requested.set()
-
-    previous = signal.signal(signal.SIGINT, handle)
+    if _active is not None:
+        yield _active
+        return
+    request = StopRequest(at_once=at_once)
+    previous = {signum: signal.signal(signum, request.handle) for signum in STOP_SIGNALS}
+    _active = request
     try:
-        yield requested.is_set
+        yield request
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _active = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class AttentionTimer:
@@ -269,8 +368,10 @@ class Harness:
     # -- streams -------------------------------------------------------------------
 
     def new_cache(self, spec: MethodSpec):
+        # The chunk room is the run's prefill chunk whatever the length, so that a compressed
+        # cache's bytes are the same at every point of the run.
         return make_run_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy,
-                              seed=self.config.seed)
+                              seed=self.config.seed, chunk=self.config.chunk)
 
     def open(self, spec: MethodSpec, tokens: torch.Tensor) -> Stream:
         """A new stream over tokens [batch, n], after a warm-up on them, in a new measuring window."""
@@ -322,7 +423,7 @@ class Harness:
     # -- every forward ---------------------------------------------------------------
 
     def after_forward(self, stream: Stream, count: int, phase: str) -> None:
-        sample = self.sampler.sample(cache_bytes(stream.cache))
+        sample = self.sampler.sample(cache_bytes(stream.cache), cache_bytes(stream.cache, allocated=True))
         self._samples.append({"method": stream.spec.name, "step": stream.forwards,
                               "tokens_seen": stream.position, "phase": phase,
                               "elapsed_s": time.perf_counter() - self._started, **sample})
@@ -333,7 +434,8 @@ class Harness:
             self.budget.check(sample)
         self.progress.advance(count)
         if self.stop_requested():
-            raise RunInterrupted(f"stopped by the user at {stream.position} tokens of {stream.spec.name}")
+            raise RunInterrupted(f"stopped by the user at {stream.position} tokens of {stream.spec.name}",
+                                 getattr(self.stop_requested, "signum", None))
 
     def flush_samples(self) -> None:
         if self._samples:
@@ -357,7 +459,9 @@ class Harness:
         if timing["tpot_spread"] is not None:
             unstable = timing["tpot_spread"] > UNSTABLE_SPREAD or (load is not None and self._others_load(load) > UNSTABLE_LOAD)
         measured = {**timing, "load_per_core": load, "timing_unstable": unstable, **self.sampler.peak_record(),
-                    "cache_bytes": cache_bytes(stream.cache), "cache_tokens": cached_tokens(stream.cache)}
+                    "cache_bytes": cache_bytes(stream.cache),
+                    "cache_allocated_bytes": cache_bytes(stream.cache, allocated=True),
+                    "cache_tokens": cached_tokens(stream.cache)}
         # --tp: memory summed over the ranks, each rank's own in a "ranks" event (distributed.py)
         return measured if self.ranks is None else self.ranks.combine(stream, measured, self.writer)
 

@@ -50,7 +50,9 @@ def _peak(record: dict) -> str:
     return format_bytes(peak if peak is not None else record.get("peak_rss_bytes"))
 
 
-def print_table(title: str, columns: list[Column], records: Iterable[dict], *, left: tuple[str, ...] = ()) -> None:
+def print_table(title: str, columns: list[Column], records: Iterable[dict], *, left: tuple[str, ...] = (),
+                notes: Iterable[str] = ()) -> None:
+    """A table, then `notes` (caption lines saying what its columns are), then the unstable-timing footnote."""
     records = list(records)
     table = Table(title=title)
     for name, _ in columns:
@@ -58,6 +60,8 @@ def print_table(title: str, columns: list[Column], records: Iterable[dict], *, l
     for record in records:
         table.add_row(*(cell(record) for _, cell in columns))
     print_out(table)
+    for note in notes:
+        print_out(note, markup=False, highlight=False)
     unstable = [r for r in records if isinstance(r, dict) and r.get("timing_unstable")]
     if unstable:
         print_out(f"{UNSTABLE_MARK} unstable timing at {len(unstable)} point(s) (p90/median above "
@@ -71,43 +75,73 @@ STATUS: Column = ("status", lambda r: r["status"])
 TPOT: list[Column] = [("TPOT p50 (ms)", _timing("tpot_ms_median")), ("TPOT p90 (ms)", _timing("tpot_ms_p90")),
                       ("tok/s", lambda r: fmt(r.get("throughput_tok_s"), ".1f"))]
 
+# The KV cache's bytes between forwards, and with a compressed cache's room for a prefill
+# chunk (sized once per run): both flat in length for an evicting policy.
+KV_BYTES: list[Column] = [("KV held", lambda r: format_bytes(r.get("cache_bytes"))),
+                          ("KV + chunk room", lambda r: format_bytes(r.get("cache_allocated_bytes")))]
+
 
 def print_sweep(records: list[dict]) -> None:
     print_table("kvstress sweep", [
         METHOD, ("length", lambda r: str(r["length"])), STATUS, ("TTFT (s)", lambda r: fmt(r.get("ttft_s"))), *TPOT,
         ("attn (ms)", lambda r: fmt(r.get("attn_ms_mean"))), ("peak mem", _peak),
-        ("KV cache", lambda r: format_bytes(r.get("cache_bytes"))), ("cached", lambda r: fmt(r.get("cache_tokens"), "d")),
+        *KV_BYTES, ("cached", lambda r: fmt(r.get("cache_tokens"), "d")),
         ("PPL", lambda r: fmt(r.get("perplexity"))),
     ], records)
 
 
-def print_ppl(config, records: list[dict], overall: set[int], title: str) -> None:
-    """Bucket and overall perplexity of a ppl run; `overall` holds the indices of overall records."""
+def print_ppl(config, records: list[dict], events: list[dict], title: str) -> None:
+    """Bucket and overall perplexity of a ppl run, each row's scope from report.ppl_scopes.
+
+    --books (several books): the PPL column is the pooled perplexity, and beside it the mean of the
+    books' own perplexities ± their sample SD (the "ppl_books" event); caption lines say which is which.
+    """
+    from .report import book_spreads, ppl_scopes, spread_notes
+
     starts = dict(zip(config.buckets, (0,) + config.buckets[:-1]))
-    rows = [{**r, "context": "all" if i in overall else f"{starts.get(r['length'], 0) + 1}–{r['length']}"}
-            for i, r in enumerate(records)]
-    print_table(f"kvstress ppl — {title}, {config.mode}", [
-        METHOD, ("context", lambda r: r["context"]), STATUS, ("scored", lambda r: fmt(r.get("tokens_scored"), "d")),
-        ("NLL", lambda r: fmt(r.get("nll_mean"), ".4f")), ("PPL", lambda r: fmt(r.get("perplexity"))),
-        ("TPOT (ms)", _timing("tpot_ms_median")),
-    ], rows)
+    scopes = ppl_scopes({"records": records, "events": events})
+    rows = [{**r, "context": "all" if scope == "overall" else f"{starts.get(r['length'], 0) + 1}–{r['length']}",
+             "scope": scope} for r, scope in zip(records, scopes)]
+    spreads = book_spreads({"events": events})
+    columns = [METHOD, ("context", lambda r: r["context"]), STATUS, ("scored", lambda r: fmt(r.get("tokens_scored"), "d")),
+               ("NLL", lambda r: fmt(r.get("nll_mean"), ".4f")), ("PPL", lambda r: fmt(r.get("perplexity")))]
+    notes = []
+    if spreads:
+        counts = sorted({len(event["books"]) for event in spreads.values()})
+        books = "/".join(map(str, counts))
+        spread = f"mean of {books} books' PPL ± SD"
 
+        def stats(r: dict) -> dict | None:
+            event = spreads.get(r["method"])
+            if event is None or r["status"] != "ok":
+                return None
+            if r["scope"] == "overall":
+                return event
+            return next((b for b in event.get("buckets") or () if b.get("length") == r["length"]), None)
 
-def print_book_spread(events: list[dict]) -> None:
-    """--books: each method's perplexity across the books (one book is one sample)."""
-    for event in events:
-        if event.get("type") == "ppl_books" and event["perplexity_mean"] is not None:
-            spread = "" if event["perplexity_stdev"] is None else f" ± {event['perplexity_stdev']:.2f} (stdev)"
-            print_out(f"{event['method']}: perplexity {event['perplexity_mean']:.2f}{spread} over "
-                      f"{len(event['books'])} books, {event['perplexity_min']:.2f}–{event['perplexity_max']:.2f}",
-                      markup=False, highlight=False)
+        def mean_sd(r: dict) -> str:
+            s = stats(r)
+            if s is None or s["perplexity_mean"] is None:
+                return fmt(None)
+            return fmt(s["perplexity_mean"]) + ("" if s["perplexity_stdev"] is None else f" ± {s['perplexity_stdev']:.2f}")
+
+        def span(r: dict) -> str:
+            s = stats(r)
+            return fmt(None) if s is None or s["perplexity_min"] is None else \
+                f"{s['perplexity_min']:.2f}–{s['perplexity_max']:.2f}"
+
+        columns[-1] = ("pooled PPL", columns[-1][1])
+        columns += [(spread, mean_sd), ("books' PPL min–max", span)]
+        pooled, spread_line = spread_notes(books)
+        notes += [f"{pooled} (a bucket row: that bucket's tokens in every book)", spread_line]
+    columns.append(("TPOT (ms)", _timing("tpot_ms_median")))
+    print_table(f"kvstress ppl — {title}, {config.mode}", columns, rows, notes=notes)
 
 
 def print_batch(config, records: list[dict], max_batch: dict[str, dict]) -> None:
     """Every measured point of a batch run, then the largest batch per method."""
     print_table(f"kvstress batch — {config.length}-token context per sequence", [
-        METHOD, ("batch", lambda r: fmt(r.get("batch_size"), "d")), STATUS, *TPOT, ("peak mem", _peak),
-        ("KV cache", lambda r: format_bytes(r.get("cache_bytes"))),
+        METHOD, ("batch", lambda r: fmt(r.get("batch_size"), "d")), STATUS, *TPOT, ("peak mem", _peak), *KV_BYTES,
     ], records)
     print_table("largest batch that fits", [
         METHOD, ("max batch", lambda e: fmt(e["batch_size"], "d")), ("first OOM", lambda e: fmt(e["first_oom"], "d")),

@@ -5,19 +5,26 @@ at a time, keeping an explicit list of cached entries with their absolute positi
 pre-RoPE key, value and score. Nothing is vectorised, nothing is preallocated, nothing
 moves in place: it is each policy as its paper describes it.
 
-Semantics shared with kvstress's caches (and stated here so a reader can check them):
+Each policy as its authors define it (the published detail each test pins is in
+test_caches.py's PUBLISHED_DETAILS), with kvstress's streaming frame around it:
   * a forward of q tokens attends over the kept entries plus the q new ones
     (causal among the new ones), then evicts down to `capacity` if the cache holds
     more than `capacity + lazy`;
   * sinks (position < sink) are never evicted, nor, where the policy has a window,
     the `window` most recent tokens;
-  * StreamingLLM evicts the oldest entries;
-  * H2O evicts the least accumulated attention, summed over the queries of every
-    forward so far and the query heads of the KV group;
-  * TOVA evicts the least attention from the forward's last query, summed over the
-    query heads of the KV group (no window: the newest token competes too);
-  * key norm evicts the largest L2 norm of the key as cached (rotated at its absolute
-    position in "original" mode, unrotated in "shifted" mode);
+  * StreamingLLM (Xiao et al., §3.2) evicts the oldest entries;
+  * H2O (Zhang et al., §3 and the authors' real_drop code) evicts the least accumulated
+    attention, summed over the queries of every forward so far; per KV head, summed
+    over the query heads of its group;
+  * TOVA (Oren et al., §3; the authors' tova_cache.py) ranks tokens by the attention of
+    the forward's last query *averaged over all the query heads of the layer*, and
+    evicts the same tokens from every head of the layer; no window, the newest token
+    competes too. `tovahead` (kvstress's variant) sums over the KV group only and
+    evicts per KV head;
+  * key norm (Devoto et al.; the authors' l2_compress) evicts, per KV head, the largest
+    L2 norm of the key as cached (rotated at its absolute position in "original" mode,
+    unrotated in "shifted" mode), the newest key included; its first `full_layers`
+    layers are never compressed;
   * random eviction evicts the lowest of a hash of (seed, tokens seen, lane, position),
     computed here with Python integers wrapped to 64 bits;
   * positions "original" rotate keys and queries at absolute positions, "shifted" at
@@ -65,6 +72,7 @@ class ReferencePolicyModel:
         self.shifted = positions == "shifted"
         self.lazy = lazy
         self.seed = seed
+        self.full_layers = getattr(spec.params, "full_layers", 0)
         config = model.config
         self.kv_heads = config.num_key_value_heads
         self.heads = config.num_attention_heads
@@ -109,7 +117,7 @@ class ReferencePolicyModel:
                     key_positions = [ranks[e.position] if self.shifted else e.position for e in candidates]
                     key_matrix = torch.stack([self.rope(e.raw_key, p) for e, p in zip(candidates, key_positions)])
                     value_matrix = torch.stack([e.value for e in candidates])
-                    if self.method == "tova":  # only this forward's last query counts
+                    if self.method in ("tova", "tovahead"):  # only this forward's last query counts
                         for entry in candidates:
                             entry.score = 0.0
                     for head in range(kv_head * group, (kv_head + 1) * group):
@@ -120,7 +128,7 @@ class ReferencePolicyModel:
                             logits = (key_matrix[:visible] @ query) * attention.scaling
                             probs = logits.softmax(dim=-1)
                             out[b, i, head] = probs @ value_matrix[:visible]
-                            if self.method == "h2o" or (self.method == "tova" and i == length - 1):
+                            if self.method == "h2o" or (self.method in ("tova", "tovahead") and i == length - 1):
                                 for entry, p in zip(candidates[:visible], probs.tolist()):
                                     entry.score += p
                     if self.method == "knorm":  # the norm of the key as the cache holds it
@@ -131,12 +139,28 @@ class ReferencePolicyModel:
                         lane = (layer_idx * batch + b) * self.kv_heads + kv_head
                         for entry in candidates:
                             entry.score = random_priority(self.seed, self.seen + length, lane, entry.position)
-                    self.entries[layer_idx][b][kv_head] = self._evict(candidates, self.seen + length)
+                    self.entries[layer_idx][b][kv_head] = candidates
+                if layer_idx >= self.full_layers:
+                    self.entries[layer_idx][b] = self._evict_layer(self.entries[layer_idx][b], self.seen + length)
             attended = attention.o_proj(out.reshape(batch, length, -1))
             hidden = hidden + attended
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         self.seen += length
         return self.model.lm_head(self.model.model.norm(hidden))
+
+    def _evict_layer(self, heads: list[list[Entry]], seen: int) -> list[list[Entry]]:
+        """One layer of one sequence, after its forward: every KV head's candidates → what each keeps."""
+        if self.method == "tova":
+            # The layer's mean over all its query heads (each KV head's score already sums its
+            # group), one ranking for the whole layer, the same victims in every head.
+            pooled = {}
+            for candidates in heads:
+                for entry in candidates:
+                    pooled[entry.position] = pooled.get(entry.position, 0.0) + entry.score / self.heads
+            for candidates in heads:
+                for entry in candidates:
+                    entry.score = pooled[entry.position]
+        return [self._evict(candidates, seen) for candidates in heads]
 
     def _evict(self, candidates: list[Entry], seen: int) -> list[Entry]:
         if len(candidates) <= self.capacity + self.lazy:
@@ -146,6 +170,7 @@ class ReferencePolicyModel:
         if self.method == "streaming":
             victims = sorted(evictable, key=lambda e: e.position)[:excess]
         else:
+            # Ties go to the oldest, as a stable sort leaves them.
             victims = sorted(evictable, key=lambda e: e.score)[:excess]
         gone = {e.position for e in victims}
         return [e for e in candidates if e.position not in gone]

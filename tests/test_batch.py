@@ -113,7 +113,7 @@ def test_batch_plot_draws_one_line_per_method(sweep_doc, tmp_path):
     figure = build_batch_figure([doc], ["batch"])
     axes = figure.axes
     assert [ax.get_ylabel() for ax in axes] == [
-        "decode throughput (tokens/s, all sequences)", "peak process RSS (MB)", "KV cache (MB)",
+        "decode throughput (tokens/s, all sequences)", "peak process RSS (MB)", "KV cache held between forwards (MB)",
     ]
     for ax in axes:
         lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}

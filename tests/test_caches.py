@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_policies import ReferencePolicyModel
-from transformers import DynamicCache, LlamaConfig
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from kvstress import make_cache
@@ -29,9 +29,13 @@ COMPRESSED = [
     ("tova_2_24", "original"),
     ("tova_2_24", "shifted"),
     ("tova_0_16", "original"),
-    ("knorm_2_6_24", "original"),
-    ("knorm_2_6_24", "shifted"),
-    ("knorm_0_0_16", "original"),
+    ("tovahead_2_24", "original"),
+    ("tovahead_0_16", "shifted"),
+    ("knorm_2_6_0_24", "original"),
+    ("knorm_2_6_0_24", "shifted"),
+    ("knorm_0_0_1_16", "original"),  # the authors' form: layer 0 whole, no sinks, no window
+    ("knorm_0_0_1_16", "shifted"),
+    ("knorm_0_0_0_16", "original"),
     ("random_2_6_24", "original"),
     ("random_2_6_24", "shifted"),
     ("random_0_0_16", "original"),
@@ -195,6 +199,70 @@ def test_policy_matches_reference_implementation(model, spec, positions, chunk, 
         assert cache.kept_positions(layer).tolist() == reference.kept_positions(layer)
 
 
+# What each reference pins of its authors' definition (tests/reference_policies.py follows
+# the papers and the authors' code; where they disagree, the code, as noted).
+PUBLISHED_DETAILS = {
+    "streaming": "sinks: the first S positions for good; candidates: every other token; oldest out (paper §3.2)",
+    "h2o": "per KV head, attention summed over its query group and over every query so far; the newest W "
+           "and first S protected; least mass out (paper §3, authors' code)",
+    "tova": "the last query's attention averaged over all the layer's query heads; one eviction shared by "
+            "the layer's heads; no window, the newest token competes; least attended out (authors' code)",
+    "tovahead": "kvstress's variant: TOVA's score summed over each KV head's query group, evicted per head",
+    "knorm": "per KV head, L2 norm of the key as cached; the newest key competes; no sinks or window by "
+             "default; the first F layers whole (README's usage: layers 0 and 1); largest norm out",
+    "random": "kvstress's baseline: a seeded hash per (step, lane, position); lowest out",
+}
+
+
+def test_every_built_in_evicting_policy_states_what_its_reference_pins():
+    from kvstress.caches import CompressedCache
+    from kvstress.spec import registered_policies
+
+    evicting = {p.name for p in registered_policies() if isinstance(p.cache, type) and issubclass(p.cache, CompressedCache)}
+    assert evicting <= set(PUBLISHED_DETAILS)
+
+
+@pytest.fixture(scope="module")
+def three_layers():
+    """peaked_llama's recipe with three layers, for key norm's default of two whole layers."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6)
+            layer.self_attn.k_proj.weight.mul_(6)
+    return model
+
+
+@pytest.mark.parametrize("positions", ["original", "shifted"])
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_key_norm_default_is_the_authors_two_whole_layers(three_layers, positions, chunk):
+    """`--method knorm` is knorm_0_0_2_C: layers 0 and 1 keep every token, layer 2 keeps
+    the C lowest-norm keys per head with nothing protected, as the reference has it."""
+    from kvstress.spec import spec_from_flags
+
+    spec = spec_from_flags("knorm", capacity=16)
+    assert spec.name == "knorm_0_0_2_16"
+    reference = ReferencePolicyModel(three_layers, spec, positions=positions)
+    cache = make_cache(spec, three_layers, positions=positions)
+    ids = torch.randperm(256, generator=torch.Generator().manual_seed(3))[:60].unsqueeze(0)
+    with torch.no_grad():
+        for i in range(0, ids.shape[1], chunk):
+            expected = reference.forward(ids[:, i : i + chunk])
+            actual = three_layers(ids[:, i : i + chunk], **with_cache(three_layers, cache)).logits
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert [cache.kept_positions(layer).shape[-1] for layer in range(3)] == [60, 60, 16]
+    assert cache.kept_positions(2).tolist() == reference.kept_positions(2)
+
+
+def test_key_norm_with_every_layer_whole_is_refused_by_name(model):
+    with pytest.raises(SpecError, match="leaves its first 2 layers uncompressed but the model has 2"):
+        make_cache("knorm_0_0_2_16", model)
+
+
 def test_h2o_keeps_heavy_hitters_not_just_the_oldest(model):
     """The reference comparison could pass for a policy that keeps the oldest tokens if
     accumulated attention happened to favour them; make sure heads really differ."""
@@ -249,16 +317,43 @@ def test_decode_scoring_matches_the_chunk_scoring_it_shortcuts(model, batch, row
 
 @pytest.mark.parametrize("spec, positions", COMPRESSED, ids=COMPRESSED_IDS)
 def test_memory_does_not_grow_with_tokens_seen(model, spec, positions):
-    cache = make_cache(spec, model, positions=positions)
+    """The compressed layers' buffers never move nor grow; a whole layer (key norm's first
+    ones) grows by exactly one full-cache layer's bytes per token."""
+    cache = make_cache(spec, model, positions=positions, chunk=50)
     ids = token_ids(1, 5000)
     stream(model, cache, ids[:, :100], 50)
-    bytes_at_100 = cache_bytes(cache)
-    pointers = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+    compressed = cache.stacked_layers
+    held_at_100, allocated_at_100 = cache_bytes(cache), cache_bytes(cache, allocated=True)
+    whole_at_100 = sum(layer.nbytes for layer in cache.whole_layers)
+    pointers = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in compressed]
     stream(model, cache, ids[:, 100:4990], 50)
     stream(model, cache, ids[:, 4990:], 1)
-    assert cache_bytes(cache) == bytes_at_100
-    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == pointers
-    assert cache.layers[0].seen == 5000
+    whole = sum(layer.nbytes for layer in cache.whole_layers)
+    assert whole == whole_at_100 * 50  # 5000 tokens where there were 100
+    assert cache_bytes(cache) - whole == held_at_100 - whole_at_100
+    assert cache_bytes(cache, allocated=True) - whole == allocated_at_100 - whole_at_100
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in compressed] == pointers
+    assert cache.seen == 5000 and all(layer.kept == 5000 for layer in cache.whole_layers)
+
+
+@pytest.mark.parametrize("spec", ["streaming_4_24", "h2o_2_6_24", "tova_0_16", "knorm_0_0_0_16", "random_2_6_24"])
+@pytest.mark.parametrize("first_chunk", [8, 50, 64])
+def test_held_bytes_are_capacity_slots_whatever_the_chunk(model, spec, first_chunk):
+    """What a cache holds between forwards is its capacity's slots, the same whether the text
+    so far is shorter or longer than the run's chunk; the chunk's room is counted apart,
+    sized once for the run."""
+    full = DynamicCache(config=model.config)
+    stream(model, full, token_ids(1, 64), 64)
+    per_token = cache_bytes(full) // 64  # keys and values of every layer, one token
+    cache = make_cache(spec, model, chunk=64)
+    stream(model, cache, token_ids(1, first_chunk), first_chunk)
+    held, allocated = cache_bytes(cache), cache_bytes(cache, allocated=True)
+    capacity = capacity_of(spec)
+    # Keys and values of `capacity` slots, plus a few bytes of bookkeeping per slot.
+    assert capacity * per_token < held < capacity * per_token * 1.2
+    assert allocated - held == (allocated - held) // 64 * 64 > 0  # 64 slots of room
+    stream(model, cache, token_ids(1, 200, seed=2), 64)
+    assert (cache_bytes(cache), cache_bytes(cache, allocated=True)) == (held, allocated)
 
 
 def test_full_cache_grows_with_tokens_seen(model):
@@ -291,14 +386,15 @@ def test_generate_runs_and_ends_at_capacity(model, spec, positions):
         prompt, **with_cache(model, cache), max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0
     )
     assert out.shape == (2, 50)
-    assert all(layer.kept == capacity_of(spec) for layer in cache.layers)
-    assert cache.layers[0].seen == 49  # the last generated token is never fed back
+    assert all(layer.kept == capacity_of(spec) for layer in cache.stacked_layers)
+    assert all(layer.kept == 49 for layer in cache.whole_layers)
+    assert cache.seen == 49  # the last generated token is never fed back
 
 
 def test_generate_with_capacity_above_length_matches_full_cache(model):
     prompt = token_ids(1, 10)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = model.generate(prompt, **with_cache(model, DynamicCache(config=model.config)), **kwargs)
-    for spec in ("streaming_4_64", "h2o_2_6_64", "tova_2_64", "knorm_2_6_64", "random_2_6_64"):
+    for spec in ("streaming_4_64", "h2o_2_6_64", "tova_2_64", "knorm_2_6_0_64", "knorm_0_0_1_64", "random_2_6_64"):
         actual = model.generate(prompt, **with_cache(model, make_cache(spec, model)), **kwargs)
         assert actual.tolist() == expected.tolist()

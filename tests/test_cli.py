@@ -33,6 +33,27 @@ def read(path) -> dict:
     return json.loads(path.read_text())
 
 
+def test_held_bytes_are_flat_in_length_below_and_above_the_chunk(tmp_path, text_file):
+    """Every evicting policy reports the same bytes held at every length, whether the text
+    so far is shorter or longer than the prefill chunk, and fewer than the full cache's once
+    the text outgrows its capacity; the chunk's room is its own, flat, figure."""
+    out = tmp_path / "results.json"
+    methods = ["baseline", "streaming_4_48", "h2o_4_6_48", "tova_0_48", "tovahead_0_48", "knorm_0_0_0_48",
+               "random_4_6_48"]
+    result = invoke("sweep", "--model", "tiny-random", "--lengths", "40,128,384", "--chunk", "128", "--decode-steps",
+                    "3", "--dataset", str(text_file), "--out", str(out), *[f"-m{m}" for m in methods])
+    assert result.exit_code == 0, result.output
+    assert "KV held" in result.output and "KV + chunk room" in result.output
+    by = {(r["method"], r["length"]): r for r in read(out)["records"]}
+    for method in methods[1:]:
+        held = {by[method, n]["cache_bytes"] for n in (40, 128, 384)}
+        allocated = {by[method, n]["cache_allocated_bytes"] for n in (40, 128, 384)}
+        assert len(held) == 1 and len(allocated) == 1, (method, held, allocated)
+        assert held.pop() < allocated.pop()
+        assert by[method, 384]["cache_bytes"] < by["baseline", 128]["cache_bytes"] < by["baseline", 384]["cache_bytes"]
+    assert by["baseline", 384]["cache_bytes"] == by["baseline", 384]["cache_allocated_bytes"]
+
+
 def test_tiny_sweep_end_to_end(tmp_path, text_file):
     out = tmp_path / "results.json"
     result = invoke("sweep", *TINY, "--dataset", str(text_file), "--out", str(out))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -466,11 +467,13 @@ def test_a_dead_rank_is_named_not_waited_for(tmp_path):
     assert "--resume" in output
 
 
-def test_ctrl_c_under_torchrun_stops_every_rank_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("stop", [pytest.param(signal.SIGINT, id="SIGINT"),
+                                  pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow)])
+def test_ctrl_c_under_torchrun_stops_every_rank_and_resume_finishes(tmp_path, stop):
     """The terminal's Ctrl-C reaches torchrun and both ranks (one process group), and torchrun
     passes it on to them again: every rank stops after the same step, rank 0 keeps what was
-    measured and says how to resume, and --resume measures only what is missing."""
-    import signal
+    measured and says how to resume, and --resume measures only what is missing. A scheduler's
+    SIGTERM to torchrun (which passes it on to the ranks) does the same."""
     import time
 
     text = tmp_path / "text.txt"
@@ -497,7 +500,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_and_resume_finishes(tmp_path):
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             pass
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, stop)
     _, stderr = process.communicate(timeout=90)
     assert process.returncode != 0
     assert "continue with the same command plus --resume" in stderr, stderr[-3000:]

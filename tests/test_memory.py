@@ -56,13 +56,14 @@ def test_cpu_sampler_reports_rss_and_says_why_cuda_is_missing():
     sampler = MemorySampler(torch.device("cpu"))
     sample = sampler.sample(cache_bytes=1234)
     assert set(sample) == {
-        "allocated_bytes", "reserved_bytes", "nvml_used_bytes", "rss_bytes", "cache_bytes",
+        "allocated_bytes", "reserved_bytes", "nvml_used_bytes", "rss_bytes", "cache_bytes", "cache_allocated_bytes",
     }
     assert sample["allocated_bytes"] is None
     assert sample["reserved_bytes"] is None
     assert sample["nvml_used_bytes"] is None
     assert sample["rss_bytes"] > 10 * 1024**2  # a Python process with torch loaded
-    assert sample["cache_bytes"] == 1234
+    assert sample["cache_bytes"] == sample["cache_allocated_bytes"] == 1234  # no chunk room given: the same
+    assert sampler.sample(cache_bytes=1234, cache_allocated_bytes=2000)["cache_allocated_bytes"] == 2000
     assert sampler.unavailable == {
         "allocated_bytes": "no CUDA device",
         "reserved_bytes": "no CUDA device",
@@ -269,6 +270,9 @@ def test_budget_arithmetic():
     assert budget.check({"allocated_bytes": None, "cache_bytes": 400, "rss_bytes": 10**12}) == 1000
     with pytest.raises(BudgetExceeded):
         budget.check({"allocated_bytes": None, "cache_bytes": 401})
+    # What the cache allocated counts, its room for a prefill chunk included.
+    with pytest.raises(BudgetExceeded):
+        budget.check({"allocated_bytes": None, "cache_bytes": 300, "cache_allocated_bytes": 401})
     # CUDA: torch's allocated bytes already include weights and cache.
     assert budget.check({"allocated_bytes": 1000, "cache_bytes": 900}) == 1000
     with pytest.raises(BudgetExceeded, match=r"torch allocated"):

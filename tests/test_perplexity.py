@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ from kvstress.cli import app
 from kvstress.config import ConfigError, PplConfig
 from kvstress.models import load_model
 from kvstress.perplexity import PplSchedule, parse_buckets
-from kvstress.report import split_ppl_records
+from kvstress.report import OVERALL_EVENT, split_ppl_records
 from kvstress.results import ResultsWriter, load_results
 from kvstress.spec import parse_spec
 from kvstress.stream import Harness, Stream
@@ -41,6 +42,14 @@ def text_file(tmp_path_factory):
     words = "It was the best of times, it was the worst of times, it was the age of wisdom. "
     path.write_text(words * 40, encoding="utf-8")
     return path
+
+
+def table_rows(text: str) -> list[dict]:
+    """The rows of the rich table printed in `text`, each {column header: cell text}."""
+    lines = text.splitlines()
+    names = [cell.strip() for cell in next(line for line in lines if line.startswith("┃")).strip("┃").split("┃")]
+    return [dict(zip(names, (cell.strip() for cell in line.strip("│").split("│")))) for line in lines
+            if line.startswith("│")]
 
 
 def run(tmp_path, model, ids, methods, *, chunk=1, buckets=(32, 64, N), positions="original"):
@@ -104,6 +113,9 @@ def test_buckets_partition_the_tokens(tmp_path, model, ids):
             assert r["status"] == "ok" and r["tpot_ms_median"] is None and r["batch_size"] is None
         record = overall[method]
         assert record["length"] == N and record["tpot_ms_median"] > 0 and record["throughput_tok_s"] > 0
+        written = [r for r in load_results(tmp_path / "ppl.json")["records"] if r["method"] == method]
+        assert [(r["length"], r["scope"]) for r in written] == [(10, "bucket"), (50, "bucket"), (N, "bucket"),
+                                                                  (N, "overall")]
         assert record["peak_rss_bytes"] > 0 and record["cache_tokens"] == (N if method == "baseline" else 24)
         assert record["total_s"] > 0
 
@@ -133,6 +145,8 @@ def test_out_of_memory_ends_one_method_and_the_next_runs(tmp_path, model, ids, m
         ("streaming_4_16", 32, "ok"), ("streaming_4_16", 64, "ok"), ("streaming_4_16", N, "ok"),
     ]
     assert buckets[1]["error"] == "CUDA out of memory. Tried to allocate 2 GiB"
+    written = load_results(tmp_path / "ppl.json")["records"]
+    assert [r["scope"] for r in written] == ["bucket", None, "bucket", "bucket", "bucket", "overall"]  # oom: none
     assert set(overall) == {"streaming_4_16"}
     events = [e for e in load_results(tmp_path / "ppl.json")["events"] if e["type"] == "oom"]
     assert events[0]["tokens_seen"] == 40
@@ -154,9 +168,49 @@ def test_ppl_cli_end_to_end(tmp_path, text_file):
         (m, n) for m in ("baseline", "streaming_4_32", "h2o_4_4_32") for n in (40, 80, 120)
     ]
     assert set(overall) == {"baseline", "streaming_4_32", "h2o_4_4_32"}
+    assert [(r["method"], r["length"], r["scope"]) for r in doc["records"]] == [
+        (m, n, scope) for m in ("baseline", "streaming_4_32", "h2o_4_4_32")
+        for n, scope in ((40, "bucket"), (80, "bucket"), (120, "bucket"), (120, "overall"))
+    ]
     assert any(e["type"] == "buckets" and "1024" in e["message"] for e in doc["events"])
-    assert "h2o_4_4_32" in result.stdout and "all" in result.stdout
+    assert [(r["method"], r["context"]) for r in table_rows(result.stdout)] == [
+        (m, context) for m in ("baseline", "streaming_4_32", "h2o_4_4_32") for context in ("1–40", "41–80", "81–120", "all")
+    ]
+    assert "books" not in result.stdout  # one text: one perplexity per row, no pooling to explain
     assert "approximates" in result.stderr
+
+
+def test_resume_of_a_ppl_file_written_before_scope(tmp_path, text_file):
+    """A run from before records had "scope", cut short in its second method: --resume finishes it,
+    the old records keep no scope, the new ones have it, and every reader tells overall from bucket."""
+    from kvstress.plot import build_ppl_figure
+    from kvstress.report import build_report
+
+    out = tmp_path / "ppl.json"
+    args = ["ppl", "--model", "tiny-random", "--dataset", str(text_file), "--tokens", "120", "--buckets", "40,80",
+            "-m", "baseline", "-m", "streaming_4_32", "--chunk", "8", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    doc = json.loads(out.read_text())
+    del doc["records"][6:]  # streaming_4_32: its last bucket and overall record never written
+    doc["events"] = [e for e in doc["events"] if not (e["type"] == OVERALL_EVENT and e["method"] == "streaming_4_32")]
+    for record in doc["records"]:
+        del record["scope"]
+    doc["complete"] = False
+    out.write_text(json.dumps(doc))
+
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    doc = load_results(out)
+    assert [r.get("scope") for r in doc["records"]] == [None] * 6 + ["bucket", "overall"]
+    buckets, overall = split_ppl_records(doc)
+    assert set(overall) == {"baseline", "streaming_4_32"} and overall["baseline"]["scope"] == "overall"
+    assert [(r["method"], r["length"], r["scope"]) for r in buckets] == [
+        (m, n, "bucket") for m in ("baseline", "streaming_4_32") for n in (40, 80, 120)]
+    assert [(r["method"], r["context"]) for r in table_rows(result.stdout)] == [
+        (m, context) for m in ("baseline", "streaming_4_32") for context in ("1–40", "41–80", "81–120", "all")]
+    assert {row["Configuration"] for row in build_report([out]).rows} == {"baseline", "streaming_4_32"}
+    assert all(list(line.get_xdata()) == [40, 80, 120] for line in build_ppl_figure([doc]).axes[0].get_lines()
+               if not line.get_label().startswith("_"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -186,15 +240,13 @@ def test_bundled_smollm2_ppl(tmp_path):
     assert overall["baseline"]["perplexity"] <= overall["streaming_4_64"]["perplexity"]
 
 
-def test_several_pg19_books_are_scored_one_by_one_and_averaged(tmp_path, monkeypatch):
-    """--books: each book is its own stream (a "ppl_book" event each); the records are the mean over
-    the books and a "ppl_books" event gives the spread."""
+@pytest.fixture
+def pg19_copy(tmp_path, monkeypatch):
+    """An offline PG-19 test split of four books: book 0 too short for 96 tokens, books 1-3 long enough."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
     from huggingface_hub import constants
-
-    from kvstress.perplexity import BOOK_EVENT, BOOKS_EVENT
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
@@ -207,6 +259,22 @@ def test_several_pg19_books_are_scored_one_by_one_and_averaged(tmp_path, monkeyp
                              "url": [f"http://www.gutenberg.org/ebooks/{100 + i}" for i in range(4)], "text": texts}),
                    copy / "data" / "test-00000-of-00001.parquet")
     monkeypatch.setenv("KVSTRESS_PG19_PATH", str(copy))
+    return copy
+
+
+POOLED = "pooled PPL"
+SPREAD = "mean of 2 books' PPL ± SD"
+
+
+def mean_sd(values) -> str:
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def test_several_pg19_books_are_scored_one_by_one_and_averaged(tmp_path, pg19_copy):
+    """--books: each book is its own stream (a "ppl_book" event each); the records pool the books
+    and a "ppl_books" event gives the spread, which the table prints beside the pooled perplexity."""
+    from kvstress.perplexity import BOOK_EVENT, BOOKS_EVENT
+
     out = tmp_path / "ppl.json"
     result = CliRunner().invoke(app, ["ppl", "--model", "tiny-random", "--dataset", "pg19", "--books", "2",
                                       "--tokens", "96", "--buckets", "48", "--chunk", "8", "-m", "baseline",
@@ -215,6 +283,7 @@ def test_several_pg19_books_are_scored_one_by_one_and_averaged(tmp_path, monkeyp
     doc = load_results(out)
     dataset = next(e for e in doc["events"] if e["type"] == "dataset")
     assert [book["index"] for book in dataset["books"]] == [1, 2]  # book 0 is too short: never joined to the next
+    rows = {(row["method"], row["context"]): row for row in table_rows(result.stdout)}
     for method in ("baseline", "streaming_4_32"):
         books = [e for e in doc["events"] if e["type"] == BOOK_EVENT and e["method"] == method]
         assert [(e["book"]["index"], e["book"]["id"]) for e in books] == [(1, "101"), (2, "102")]
@@ -222,6 +291,7 @@ def test_several_pg19_books_are_scored_one_by_one_and_averaged(tmp_path, monkeyp
         buckets, overall = split_ppl_records(doc)
         mine = [r for r in buckets if r["method"] == method]
         assert [r["length"] for r in mine] == [48, 96] and [r["tokens_scored"] for r in mine] == [96, 96]
+        assert [r["scope"] for r in doc["records"] if r["method"] == method] == ["bucket", "bucket", "overall"]
         for i, record in enumerate(mine):
             assert record["nll_mean"] == pytest.approx((books[0]["buckets"][i]["nll_mean"]
                                                         + books[1]["buckets"][i]["nll_mean"]) / 2, rel=1e-12)
@@ -231,5 +301,59 @@ def test_several_pg19_books_are_scored_one_by_one_and_averaged(tmp_path, monkeyp
         perplexities = [e["perplexity"] for e in books]
         assert spread["perplexity_mean"] == pytest.approx(sum(perplexities) / 2)
         assert spread["perplexity_min"] == min(perplexities) and spread["perplexity_max"] == max(perplexities)
-        assert spread["perplexity_stdev"] > 0
-    assert "over 2 books" in result.stdout
+        assert spread["perplexity_stdev"] == pytest.approx(statistics.stdev(perplexities))  # sample SD, n − 1
+        # The table: the pooled perplexity and the books' mean ± sample SD, each in its labelled column.
+        assert rows[(method, "all")][POOLED] == f"{overall[method]['perplexity']:.2f}"
+        assert rows[(method, "all")][SPREAD] == mean_sd(perplexities)
+        assert rows[(method, "all")]["books' PPL min–max"] == f"{min(perplexities):.2f}–{max(perplexities):.2f}"
+        for i, (record, context) in enumerate(zip(mine, ("1–48", "49–96"))):
+            assert rows[(method, context)][POOLED] == f"{record['perplexity']:.2f}"
+            assert rows[(method, context)][SPREAD] == mean_sd([e["buckets"][i]["perplexity"] for e in books])
+            assert spread["buckets"][i]["length"] == record["length"]
+    assert "pooled PPL: exp of the mean NLL over every scored token of the 2 books together" in result.stdout
+    assert ("mean of 2 books' PPL ± SD: the mean of each book's own perplexity ± their sample standard deviation "
+            "(n − 1)") in result.stdout
+
+
+def test_compare_with_several_books_prints_pooled_and_mean_perplexity(tmp_path, pg19_copy):
+    result = CliRunner().invoke(app, ["compare", "--model", "tiny-random", "--datasets", "pg19", "--books", "2",
+                                      "--tokens", "96", "--chunk", "16", "-m", "baseline", "-m", "streaming_4_32",
+                                      "--out-dir", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    doc = load_results(tmp_path / "cmp" / "pg19.json")
+    _, overall = split_ppl_records(doc)
+    lines = result.stdout.splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    pooled, spread = "PG-19 pooled PPL (2 books)", "PG-19 mean of 2 books' PPL ± SD"
+    assert header[2:4] == [pooled, spread] and "PG-19 PPL" not in header
+    rows = {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                                             for line in lines[2:4])}
+    for method in ("baseline", "streaming_4_32"):
+        perplexities = [e["perplexity"] for e in doc["events"] if e["type"] == "ppl_book" and e["method"] == method]
+        assert rows[method][pooled] == f"{overall[method]['perplexity']:.2f}"
+        assert rows[method][spread] == mean_sd(perplexities)
+    assert f"- pg19.json: {pooled}: exp of the mean NLL over every scored token of the 2 books together" in lines
+    assert (f"- pg19.json: {spread}: the mean of each book's own perplexity ± their sample standard deviation (n − 1), "
+            "each book one sample") in lines
+
+
+def test_ppl_table_labels_pooled_and_mean_perplexity_apart(capsys):
+    """The two figures of a --books run where they differ (hand-made): pooled 20.00 beside mean 24.42 ± 9.84;
+    the file is from before "scope", so its overall row is known by its ppl_overall event."""
+    from kvstress.tables import print_ppl
+
+    records = [{"method": "baseline", "length": 48, "status": "ok", "nll_mean": 3.0, "perplexity": 20.09,
+                "tokens_scored": 96},
+               {"method": "baseline", "length": 96, "status": "ok", "nll_mean": 2.9, "perplexity": 18.17,
+                "tokens_scored": 96},
+               {"method": "baseline", "length": 96, "status": "ok", "nll_mean": 2.996, "perplexity": 20.0,
+                "tokens_scored": 192}]
+    books = [{"index": 1}, {"index": 2}]
+    events = [{"type": OVERALL_EVENT, "method": "baseline", "record": 2},
+              {"type": "ppl_books", "method": "baseline", "books": books, "perplexity_mean": 24.42,
+               "perplexity_stdev": 9.84, "perplexity_min": 17.46, "perplexity_max": 31.38}]
+    print_ppl(SimpleNamespace(buckets=(48, 96), mode="exact"), records, events, "pg19")
+    rows = {row["context"]: row for row in table_rows(capsys.readouterr().out)}
+    assert list(rows) == ["1–48", "49–96", "all"]
+    assert (rows["all"][POOLED], rows["all"][SPREAD]) == ("20.00", "24.42 ± 9.84")
+    assert (rows["49–96"][POOLED], rows["49–96"][SPREAD]) == ("18.17", "–")  # an event from before bucket spreads

@@ -74,7 +74,7 @@ def test_cpu_sweep_panels_lines_and_oom_marker(tmp_path):
     ylabels = [ax.get_ylabel() for ax in figure.axes]
     # CPU: the cache and the process are measured separately, and said so.
     assert ylabels == [
-        "KV cache (MB)", "peak process RSS (MB)", "TPOT (ms): median, band to p90", "perplexity",
+        "KV cache held between forwards (MB)", "peak process RSS (MB)", "TPOT (ms): median, band to p90", "perplexity",
     ]
     for ax in figure.axes:
         lines = method_lines(ax)

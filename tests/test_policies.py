@@ -21,7 +21,6 @@ from transformers import DynamicCache, QuantizedCache
 from kvstress import make_cache
 from kvstress.caches import cache_bytes, cached_tokens, make_run_cache
 from kvstress.caches.base import apply_rotary
-from kvstress.caches.scored import attention_mass
 from kvstress.plot import build_sweep_figure
 from kvstress.results import ResultsWriter, load_results
 from kvstress.spec import (
@@ -62,7 +61,7 @@ def test_every_policy_spells_its_spec_both_ways():
         ("streaming", dict(sink=0, capacity=512), "streaming_0_512"),  # window attention
         ("tova", {}, "tova_0_256"),  # the paper's TOVA: no sinks
         ("tova", dict(sink=4, window=9), "tova_4_256"),
-        ("knorm", dict(capacity=512), "knorm_4_64_512"),
+        ("knorm", dict(capacity=512), "knorm_0_0_2_512"),
         ("random", dict(sink=2, window=6, capacity=24), "random_2_6_24"),
         ("quant", dict(capacity=64, sink=2), "quant_4_128"),  # keeps every token: no sizes apply
         ("baseline", dict(capacity=64), "baseline"),
@@ -74,9 +73,9 @@ def test_size_flags_give_each_policy_its_defaults(name, flags, expected):
 
 def test_method_all_is_the_seed_experiment_and_lists_expand_in_order():
     assert all_methods() == ("baseline", "streaming", "h2o")
-    specs = method_specs(["tova", "all,knorm_2_6_24", "h2o", "quant_2_64"], capacity=128)
+    specs = method_specs(["tova", "all,knorm_2_6_0_24", "h2o", "quant_2_64"], capacity=128)
     assert [spec.name for spec in specs] == [
-        "tova_0_128", "baseline", "streaming_4_128", "h2o_4_16_128", "knorm_2_6_24", "quant_2_64"
+        "tova_0_128", "baseline", "streaming_4_128", "h2o_4_16_128", "knorm_2_6_0_24", "quant_2_64"
     ]
     assert [spec.name for spec in method_specs([])] == ["baseline", "streaming_4_256", "h2o_4_32_256"]
 
@@ -86,11 +85,13 @@ def test_method_all_is_the_seed_experiment_and_lists_expand_in_order():
     [
         ("tova_4_4", "use a capacity above 4"),
         ("tova_4_32_256", "should look like tova_S_C"),
-        ("knorm_4_-1_256", "window must be at least 0"),
+        ("knorm_4_-1_0_256", "window must be at least 0"),
+        ("knorm_0_0_-1_256", "full_layers must be 0 or more"),
+        ("knorm_0_0_256", "should look like knorm_S_W_F_C"),
         ("random_4_32_36", "use a capacity above 36"),
         ("quant_3_128", "use quant_2_R or quant_4_R"),
         ("quant_4_-1", "residual must be 0 or more"),
-        ("snapkv_4_256", "or one of tova_S_C, knorm_S_W_C, random_S_W_C, quant_B_R"),
+        ("snapkv_4_256", "or one of tova_S_C, tovahead_S_C, knorm_S_W_F_C, random_S_W_C, quant_B_R"),
     ],
 )
 def test_new_policies_say_what_to_fix(text, message):
@@ -113,20 +114,25 @@ def test_describe_policies_lists_every_policy_with_its_form_and_defaults():
 
 def test_tova_replaces_scores_where_h2o_accumulates(model):
     """Same capacity, no window: TOVA, ranking by the newest query alone, must keep
-    different tokens from H2O, and still keep different tokens per head."""
+    different tokens from H2O. The authors' TOVA evicts the same tokens from every head of
+    a layer; kvstress's per-head variant lets each KV head keep its own."""
     ids = token_ids(2, 90, seed=5)
-    tova, h2o = make_cache("tova_0_16", model), make_cache("h2o_0_1_16", model)
-    stream(model, tova, ids, 1)
-    stream(model, h2o, ids, 1)
+    tova, per_head, h2o = (make_cache(spec, model) for spec in ("tova_0_16", "tovahead_0_16", "h2o_0_1_16"))
+    for cache in (tova, per_head, h2o):
+        stream(model, cache, ids, 1)
     kept = tova.kept_positions(1)
     assert not torch.equal(kept, h2o.kept_positions(1))
-    assert len({tuple(row) for row in kept.reshape(-1, 16).tolist()}) > 1
+    assert torch.equal(kept[:, 0], kept[:, 1])  # one eviction shared by the layer's heads
+    assert not torch.equal(kept[0], kept[1])  # ... decided per sequence
+    assert len({tuple(row) for row in per_head.kept_positions(1).reshape(-1, 16).tolist()}) == 4
 
 
-def test_tova_scores_a_chunk_by_its_last_query(model):
+@pytest.mark.parametrize("spec, pooled", [("tova_0_8", True), ("tovahead_0_8", False)])
+def test_tova_scores_a_chunk_by_its_last_query(model, spec, pooled):
     """After one chunk that overflows the cache, the kept tokens are those the chunk's last
-    query attends to most (per KV head, summed over its query heads)."""
-    cache = make_cache("tova_0_8", model)
+    query attends to most: averaged over all the layer's query heads (the authors' TOVA),
+    or summed over each KV head's query group (kvstress's per-head variant)."""
+    cache = make_cache(spec, model)
     ids = token_ids(1, 30, seed=2)
     captured = {}
     attention = model.model.layers[0].self_attn
@@ -142,14 +148,19 @@ def test_tova_scores_a_chunk_by_its_last_query(model):
     cos, sin = model.model.rotary_emb(keys, torch.arange(30).unsqueeze(0))
     rotated_keys = apply_rotary(keys, cos.unsqueeze(1), sin.unsqueeze(1))
     last_query = apply_rotary(query, cos.unsqueeze(1), sin.unsqueeze(1))[:, :, -1:]
-    mass = attention_mass(last_query, rotated_keys, attention.scaling, start=29)
-    expected = mass.topk(8, dim=-1).indices.sort(dim=-1).values
+    # Each query head's attention, written out: [heads, keys].
+    grouped_keys = rotated_keys.repeat_interleave(2, dim=1)
+    attention_of = ((last_query @ grouped_keys.transpose(-1, -2)) * attention.scaling).softmax(dim=-1)[0, :, 0]
+    if pooled:
+        expected = attention_of.mean(dim=0).topk(8).indices.sort().values.expand(1, 2, 8)
+    else:
+        expected = attention_of.view(2, 2, 30).sum(dim=1).topk(8, dim=-1).indices.sort(dim=-1).values.unsqueeze(0)
     assert cache.kept_positions(0).tolist() == expected.tolist()
 
 
 def test_key_norm_keeps_the_smallest_keys(model):
     """With no sinks and no window, what stays is the smallest-norm keys of all seen."""
-    cache = make_cache("knorm_0_0_12", model)
+    cache = make_cache("knorm_0_0_0_12", model)
     ids = torch.randperm(256, generator=torch.Generator().manual_seed(8))[:60].unsqueeze(0)
     keys = []
     attention = model.model.layers[1].self_attn

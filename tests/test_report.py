@@ -10,33 +10,50 @@ import pytest
 from typer.testing import CliRunner
 
 from kvstress.cli import app
-from kvstress.report import OVERALL_EVENT, build_report, render
-from kvstress.results import ResultsError, ResultsWriter
+from kvstress.perplexity import book_spread
+from kvstress.report import OVERALL_EVENT, build_report, render, split_ppl_records
+from kvstress.results import ResultsError, ResultsWriter, load_results
 
 runner = CliRunner()
 COLUMNS = ["Configuration", "Context length", "Wikitext PPL", "PG-19 PPL", "shakespeare PPL", "Total Time (s)",
            "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)", "Peak Mem (GB)", "Device"]
 
 
-def write_ppl(path, dataset, ppl: dict, *, tokens=4096, oom=(), device_name="Intel Xeon"):
-    """A ppl file: two buckets and an overall record per method; methods in oom run out of memory."""
-    writer = ResultsWriter(path, "ppl", {"model": "m", "dataset": dataset, "tokens": tokens},
+def write_ppl(path, dataset, ppl: dict, *, tokens=4096, oom=(), device_name="Intel Xeon", scoped=True,
+              books: dict | None = None):
+    """A ppl file: two buckets and an overall record per method; methods in oom run out of memory.
+
+    scoped=False: as written before records had "scope" (the key absent). books: method → its books'
+    own perplexities (--books), which give a "ppl_books" event; ppl is then the pooled perplexity.
+    """
+    count = len(next(iter(books.values()))) if books else None
+    writer = ResultsWriter(path, "ppl", {"model": "m", "dataset": dataset, "tokens": tokens,
+                                         **({"books": str(count)} if books else {})},
                            {"device": "cpu", "device_name": device_name})
-    writer.add_event({"type": "dataset", "name": dataset, "message": "test"})
+    writer.add_event({"type": "dataset", "name": dataset, "message": "test",
+                      **({"books": [{"index": i} for i in range(count)]} if books else {})})
     for method, value in ppl.items():
-        writer.add_record({"method": method, "length": tokens // 2, "status": "ok", "nll_mean": 2.0,
+        writer.add_record({"method": method, "length": tokens // 2, "status": "ok", "scope": "bucket", "nll_mean": 2.0,
                            "perplexity": value + 1, "tokens_scored": tokens // 2})
         if method in oom:
             writer.add_record({"method": method, "length": tokens, "status": "oom", "error": "out of memory"})
             continue
-        writer.add_record({"method": method, "length": tokens, "status": "ok", "nll_mean": 2.0,
+        writer.add_record({"method": method, "length": tokens, "status": "ok", "scope": "bucket", "nll_mean": 2.0,
                            "perplexity": value - 1, "tokens_scored": tokens // 2})
-        writer.add_record({"method": method, "length": tokens, "status": "ok", "batch_size": 1, "nll_mean": 2.0,
-                           "perplexity": value, "tokens_scored": tokens, "tpot_ms_median": 40.0,
+        writer.add_record({"method": method, "length": tokens, "status": "ok", "scope": "overall", "batch_size": 1,
+                           "nll_mean": 2.0, "perplexity": value, "tokens_scored": tokens, "tpot_ms_median": 40.0,
                            "throughput_tok_s": 25.0, "peak_rss_bytes": 2_000_000_000})
         writer.add_event({"type": OVERALL_EVENT, "method": method, "record": len(writer.records) - 1,
                           "length": tokens, "total_s": 163.84})
+        if books:
+            writer.add_event({"type": "ppl_books", "method": method, "books": [{"index": i} for i in range(count)],
+                              **book_spread(books[method])})
     writer.finish()
+    if not scoped:
+        doc = json.loads(path.read_text())
+        for record in doc["records"]:
+            del record["scope"]
+        path.write_text(json.dumps(doc))
     return path
 
 
@@ -196,11 +213,11 @@ def test_compare_on_tiny_random(tmp_path, text_file):
 def test_compare_runs_the_methods_given(tmp_path, text_file):
     out_dir = tmp_path / "cmp"
     result = runner.invoke(app, ["compare", "--model", "tiny-random", "--datasets", str(text_file), "--tokens", "128",
-                                 "--chunk", "16", "-m", "tova_0_32", "-m", "knorm_4_8_32", "--out-dir", str(out_dir)])
+                                 "--chunk", "16", "-m", "tova_0_32", "-m", "knorm_4_8_0_32", "--out-dir", str(out_dir)])
     assert result.exit_code == 0, result.output
     written = json.loads((out_dir / "book.json").read_text())
-    assert written["config"]["methods"] == ["tova_0_32", "knorm_4_8_32"]
-    assert {r["method"] for r in written["records"]} == {"tova_0_32", "knorm_4_8_32"}
+    assert written["config"]["methods"] == ["tova_0_32", "knorm_4_8_0_32"]
+    assert {r["method"] for r in written["records"]} == {"tova_0_32", "knorm_4_8_0_32"}
 
 
 def test_compare_with_no_loadable_dataset(tmp_path):
@@ -234,3 +251,63 @@ def test_ppl_figure_goes_logarithmic_only_when_a_cache_breaks_down(tmp_path):
     broken = load_results(write_ppl(tmp_path / "broken.json", "pg19", {"baseline": 2000.0, "streaming_8_256": 40.0}))
     assert build_ppl_figure([calm]).axes[0].get_yscale() == "linear"
     assert build_ppl_figure([broken]).axes[0].get_yscale() == "log"
+
+
+def test_files_written_before_scope_read_as_before(tmp_path):
+    """A ppl file whose records lack "scope": its overall records are known by their ppl_overall event,
+    in the report, the plot and `kvstress report`, exactly as in a file with the field."""
+    from kvstress.plot import build_ppl_figure
+
+    ppl = {"baseline": 8.54, "streaming_8_256": 23.94}
+    new = write_ppl(tmp_path / "new.json", "pg19", ppl, oom=("streaming_8_256",))
+    old = write_ppl(tmp_path / "old.json", "pg19", ppl, oom=("streaming_8_256",), scoped=False)
+    assert all("scope" not in record for record in json.loads(old.read_text())["records"])
+    assert build_report([old]).rows == build_report([new]).rows
+    assert split_ppl_records(load_results(old)) == split_ppl_records(load_results(new))
+    buckets, overall = split_ppl_records(load_results(old))
+    assert [(r["length"], r["status"], r["scope"]) for r in buckets] == [
+        (2048, "ok", "bucket"), (4096, "ok", "bucket"), (2048, "ok", "bucket"), (4096, "oom", None)]
+    assert overall["baseline"]["scope"] == "overall" and overall["baseline"]["total_s"] == 163.84
+    figures = [build_ppl_figure([load_results(path)]).axes[0] for path in (old, new)]
+    assert [list(line.get_xdata()) for line in figures[0].get_lines()] == [
+        list(line.get_xdata()) for line in figures[1].get_lines()]
+    result = runner.invoke(app, ["report", str(old)])
+    assert result.exit_code == 0 and "8.54" in result.stdout
+
+
+def test_readers_tell_overall_from_bucket_by_scope(tmp_path):
+    """Without its ppl_overall events a file with "scope" still has its overall records (the last
+    bucket ends at the same length); only the total time, which the event holds, is missing."""
+    path = write_ppl(tmp_path / "pg19.json", "pg19", {"baseline": 8.54})
+    doc = json.loads(path.read_text())
+    doc["events"] = [e for e in doc["events"] if e["type"] != OVERALL_EVENT]
+    path.write_text(json.dumps(doc))
+    buckets, overall = split_ppl_records(load_results(path))
+    assert overall["baseline"]["perplexity"] == 8.54 and overall["baseline"]["total_s"] is None
+    assert [r["perplexity"] for r in buckets] == pytest.approx([9.54, 7.54])
+    assert build_report([path]).rows[0]["PG-19 PPL"] == 8.54
+
+
+def test_several_books_columns_say_pooled_and_mean_with_sample_sd(tmp_path):
+    """--books files: the pooled perplexity and the mean ± sample SD of the books' own, each labelled."""
+    path = write_ppl(tmp_path / "pg19.json", "pg19", {"baseline": 20.0, "streaming_8_256": 30.0},
+                     books={"baseline": [17.46, 31.38], "streaming_8_256": [25.0, 40.0]})
+    pooled, spread = "PG-19 pooled PPL (2 books)", "PG-19 mean of 2 books' PPL ± SD"
+    report = build_report([path], datasets=["pg19"])
+    assert report.columns[2:4] == [pooled, spread] and "PG-19 PPL" not in report.columns
+    baseline = report.rows[0]
+    assert baseline[pooled] == 20.0 and baseline[spread]["mean"] == pytest.approx(24.42)
+    assert baseline[spread]["stdev"] == pytest.approx(9.843, abs=1e-3)  # sample SD: |a − b| / √2, not / 2
+    lines = render(report, "markdown").splitlines()
+    row = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert row[2:4] == ["20.00", "24.42 ± 9.84"]
+    assert f"- pg19.json: {spread}: the mean of each book's own perplexity ± their sample standard deviation (n − 1), " \
+           "each book one sample" in lines
+    assert f"- pg19.json: {pooled}: exp of the mean NLL over every scored token of the 2 books together" in lines
+    csv_rows = list(csv.reader(io.StringIO(render(report, "csv"))))
+    assert csv_rows[2][2:4] == ["30.00", "32.50 ± 10.61"]
+    json_row = json.loads(render(report, "json"))["rows"][0]
+    assert json_row[spread]["books"] == 2 and json_row[spread]["min"] == 17.46 and json_row[pooled] == 20.0
+    from kvstress.plot import build_ppl_figure
+
+    assert build_ppl_figure([load_results(path)]).axes[0].get_ylabel().endswith("(books pooled)")

@@ -48,15 +48,17 @@ def test_field_lists_match_the_schema():
     assert RECORD_FIELDS == (
         "method", "length", "status", "batch_size", "ttft_s", "tpot_ms_median", "tpot_ms_p90",
         "tpot_spread", "load_per_core", "throughput_tok_s", "attn_ms_mean", "peak_allocated_bytes",
-        "peak_reserved_bytes", "peak_nvml_used_bytes", "peak_rss_bytes", "cache_bytes", "cache_tokens", "nll_mean",
-        "perplexity", "tokens_scored", "timing_unstable", "error",
+        "peak_reserved_bytes", "peak_nvml_used_bytes", "peak_rss_bytes", "cache_bytes", "cache_allocated_bytes", "cache_tokens",
+        "nll_mean",
+        "perplexity", "tokens_scored", "scope", "timing_unstable", "error",
     )
     assert SAMPLE_FIELDS == (
         "method", "step", "tokens_seen", "phase", "elapsed_s", "allocated_bytes",
-        "reserved_bytes", "nvml_used_bytes", "rss_bytes", "cache_bytes",
+        "reserved_bytes", "nvml_used_bytes", "rss_bytes", "cache_bytes", "cache_allocated_bytes",
     )
     # Every numeric field has a unit; strings have none.
-    numeric = (set(RECORD_FIELDS) | set(SAMPLE_FIELDS)) - {"method", "status", "error", "phase", "timing_unstable"}
+    numeric = (set(RECORD_FIELDS) | set(SAMPLE_FIELDS)) - {"method", "status", "error", "phase", "timing_unstable",
+                                                            "scope"}
     assert set(UNITS) == numeric
     assert UNITS["ttft_s"] == "s" and UNITS["tpot_ms_median"] == "ms"
     assert UNITS["peak_allocated_bytes"] == "bytes"
@@ -109,6 +111,7 @@ def test_every_call_leaves_valid_json_on_disk(writer):
         (record(perplexity=float("inf")), "JSON cannot hold"),
         (record(cache_bytes=True), "'cache_bytes' must be an integer"),
         (record(error=3), "'error' must be a string"),
+        (record(scope="all"), "scope must be one of"),
     ],
 )
 def test_bad_records_are_refused_and_not_written(writer, bad, message):
@@ -221,6 +224,20 @@ def test_resume_keeps_everything_and_knows_what_is_done(writer):
     assert [s["step"] for s in doc["samples"]] == list(range(6))
     assert len(doc["records"]) == 5 and doc["complete"] is True
     assert doc["created"] == on_disk(writer)["created"]
+
+
+def test_a_file_written_before_the_scope_field_loads_and_resumes(writer):
+    """Files from before "scope" existed: their records lack the key; resuming keeps them (scope null)
+    and takes new records with it."""
+    writer.add_record(record(perplexity=12.5, scope="bucket"))
+    doc = on_disk(writer)
+    assert doc["records"][0]["scope"] == "bucket"
+    del doc["records"][0]["scope"]
+    writer.path.write_text(json.dumps(doc), encoding="utf-8")
+    assert "scope" not in load_results(writer.path)["records"][0]
+    resumed = ResultsWriter.resume(writer.path, dict(CONFIG))
+    resumed.add_record(record(length=4000, perplexity=13.0, scope="overall"))
+    assert [r["scope"] for r in load_results(writer.path)["records"]] == [None, "overall"]
 
 
 def test_resume_with_a_different_config_names_the_keys(writer):

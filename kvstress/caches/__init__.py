@@ -18,21 +18,24 @@ from .hooks import UnsupportedModelError, attach
 from .knorm import KeyNormCache
 from .random_eviction import RandomCache
 from .streaming import StreamingCache
-from .tova import TOVACache
+from .tova import PerHeadTOVACache, TOVACache
 
-for _policy_module in (baseline, streaming, h2o, tova, knorm, random_eviction, quantized):
-    register_policy(_policy_module.POLICY)
+for _policy in (baseline.POLICY, streaming.POLICY, h2o.POLICY, tova.POLICY, tova.PER_HEAD_POLICY, knorm.POLICY,
+                random_eviction.POLICY, quantized.POLICY):
+    register_policy(_policy)
 
 
 def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "original", lazy: int = 0,
-               seed: int = 0) -> Cache:
+               seed: int = 0, chunk: int = 1) -> Cache:
     """A cache for `model` implementing `spec`.
 
     Fixed-capacity policies link themselves to the model's attention modules (hooks
     installed once per model) and allocate their buffers on the first forward, taking
     batch size, dtype and device from it. `positions` is "original" or "shifted"; `lazy`
     lets the cache run over capacity by that many tokens and then evict them at once;
-    `seed` seeds the policies that draw random numbers. The others (`baseline`, the
+    `seed` seeds the policies that draw random numbers; `chunk` is the room allocated
+    for a forward's new tokens (the longest forward the caller will run, so that the
+    buffers are allocated once: a longer forward reallocates them). The others (`baseline`, the
     quantized cache) are transformers' own caches, to which none of these apply.
     """
     spec = as_spec(spec)
@@ -44,20 +47,22 @@ def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "or
     if not (isinstance(policy.cache, type) and issubclass(policy.cache, CompressedCache)):
         raise TypeError(f"policy {spec.method} has a capacity, so its cache must subclass kvstress.caches.CompressedCache")
     links = attach(model)
-    return policy.cache(spec, links.num_layers, links.rotary_embedding, positions=positions, lazy=lazy, seed=seed)
+    return policy.cache(spec, links.num_layers, links.rotary_embedding, positions=positions, lazy=lazy, seed=seed,
+                        chunk=chunk)
 
 
-def make_run_cache(spec: MethodSpec, model: nn.Module, *, positions: str, lazy: int, seed: int = 0) -> Cache:
-    """A cache for a run whose position mode, lazy buffer and seed apply to the fixed-capacity methods only."""
+def make_run_cache(spec: MethodSpec, model: nn.Module, *, positions: str, lazy: int, seed: int = 0,
+                   chunk: int = 1) -> Cache:
+    """A cache for a run whose position mode, lazy buffer, seed and chunk room apply to the fixed-capacity methods only."""
     if spec.is_compressed:
-        return make_cache(spec, model, positions=positions, lazy=lazy, seed=seed)
+        return make_cache(spec, model, positions=positions, lazy=lazy, seed=seed, chunk=chunk)
     return make_cache(spec, model)
 
 
 def cached_tokens(cache: Cache) -> int:
     """Tokens the cache holds now (per sequence and layer)."""
     if isinstance(cache, CompressedCache):
-        return cache.layers[0].kept
+        return cache.kept  # in each compressed layer
     return cache.get_seq_length()
 
 
@@ -70,10 +75,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def cache_bytes(cache: Cache) -> int:
-    """Bytes of tensors the cache holds (keys, values, quantized data and any policy state)."""
+def cache_bytes(cache: Cache, *, allocated: bool = False) -> int:
+    """Bytes of tensors the cache holds between forwards (keys, values, quantized data and
+    any policy state); with `allocated`, also a compressed cache's room for a forward's
+    new tokens. transformers' caches hold what they allocate: the two are equal."""
     if isinstance(cache, CompressedCache):
-        return cache.nbytes
+        return cache.nbytes if allocated else cache.held_bytes
     # transformers' layers: every tensor they hold (full-precision keys and values, quantized
     # ones, a residual), found by walking them rather than assumed from their class.
     return sum(tensor_bytes(value) for layer in cache.layers for value in vars(layer).values()
@@ -85,6 +92,7 @@ __all__ = [
     "CompressedCache",
     "H2OCache",
     "KeyNormCache",
+    "PerHeadTOVACache",
     "RandomCache",
     "StreamingCache",
     "TOVACache",

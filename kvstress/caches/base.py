@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..spec import SpecError
+
 POSITION_MODES = ("original", "shifted")
 
 
@@ -50,8 +52,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos) + (rotate_half(x) * sin)
 
 
-class FixedCapacityLayer(CacheLayerMixin):
-    """One attention layer's view of a `CompressedCache`; what to evict is the cache's call."""
+class LinkedLayer(CacheLayerMixin):
+    """What the attention hooks (hooks.py) hand every layer of a `CompressedCache`."""
 
     is_compileable = False
     is_sliding = False
@@ -64,14 +66,88 @@ class FixedCapacityLayer(CacheLayerMixin):
         self.owner = owner
         self.layer_idx = layer_idx
         self.shifted = owner.shifted
-        # This layer's slice of the cache's buffers ([batch, kv_heads, slots(, head_dim)]),
-        # set when the cache allocates them.
-        self.positions: torch.Tensor | None = None
         # Filled by the attention hooks for the current forward (see hooks.py).
         self.query: torch.Tensor | None = None  # [batch, heads, q, head_dim], before RoPE
         self.raw_keys: torch.Tensor | None = None  # [batch, kv_heads, q, head_dim], before RoPE
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin used for this forward's tokens
         self.scaling: float | None = None
+
+    @property
+    def kept(self) -> int:
+        """Tokens held from earlier forwards: where this forward's first token goes."""
+        raise NotImplementedError
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask works in slot space: query i of this forward sits at slot kept + i.
+        return self.kept + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # streams without limit; capacity bounds what is held, not what is seen
+
+    def after_attention(self) -> None:
+        """The attention module has used the slots; after the model's last layer the cache evicts."""
+        if self.layer_idx == self.owner.num_layers - 1:
+            self.owner.end_forward()
+        self.query = self.raw_keys = self.rope = None
+
+
+class WholeLayer(LinkedLayer):
+    """A layer the policy leaves uncompressed (key norm's first layers): every token kept,
+    appended as transformers' DynamicLayer does. Its keys are stored as the model rotates
+    them, at positions that are absolute and inside the cache alike, since it never evicts."""
+
+    def __init__(self, owner: CompressedCache, layer_idx: int):
+        super().__init__(owner, layer_idx)
+        # The hooks hand layer 0 the query whatever its kind: the cache sizes its query buffer from it.
+        self.wants_query = owner.layer_class.wants_query
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.keys, self.values = key_states, value_states
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.layer_idx == 0:
+            self.owner.begin_forward(key_states, value_states)
+        if self.keys is None:
+            self.lazy_initialization(key_states, value_states)
+        else:
+            self.keys = torch.cat((self.keys, key_states), dim=2)
+            self.values = torch.cat((self.values, value_states), dim=2)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.kept
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def kept_positions(self) -> torch.Tensor:
+        if self.keys is None:
+            return torch.empty(0, 0, 0, dtype=torch.long)
+        batch, heads = self.keys.shape[:2]
+        return torch.arange(self.kept, device=self.keys.device).expand(batch, heads, -1)
+
+
+class FixedCapacityLayer(LinkedLayer):
+    """One compressed layer's view of a `CompressedCache`; what to evict is the cache's call."""
+
+    def __init__(self, owner: CompressedCache, layer_idx: int, stack_index: int):
+        super().__init__(owner, layer_idx)
+        self.stack_index = stack_index  # this layer's index in the cache's stacked buffers
+        # This layer's slice of the cache's buffers ([batch, kv_heads, slots(, head_dim)]),
+        # set when the cache allocates them.
+        self.positions: torch.Tensor | None = None
 
     @property
     def kept(self) -> int:
@@ -88,7 +164,7 @@ class FixedCapacityLayer(CacheLayerMixin):
     def _attach(self, buffers: dict[str, torch.Tensor]) -> None:
         """Take this layer's slices of the cache's (re)allocated buffers."""
         for name, buffer in buffers.items():
-            view = buffer[self.layer_idx]
+            view = buffer[self.stack_index]
             # A compiled step's graph takes these views as inputs of their own: unmarked, a
             # write into one makes inductor skip the CUDA graph ("mutated inputs").
             torch._dynamo.mark_static_address(view)
@@ -97,7 +173,7 @@ class FixedCapacityLayer(CacheLayerMixin):
 
     def _view(self, name: str, start: int, stop: int) -> torch.Tensor:
         """This layer's `buffer[:, :, start:stop]` for the buffer called `name`, made once per range."""
-        return self.owner.cached_view((name, self.layer_idx, start, stop),
+        return self.owner.cached_view((name, self.stack_index, start, stop),
                                       lambda: getattr(self, name)[:, :, start:stop])
 
     # -- the transformers layer interface ---------------------------------------
@@ -125,17 +201,10 @@ class FixedCapacityLayer(CacheLayerMixin):
         self.observe_attention(keys, start, total)
         return keys, self._view("values", 0, total)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The mask works in slot space: query i of this forward sits at slot kept + i.
-        return self.kept + query_length, 0
-
     def get_seq_length(self) -> int:
         # What the model adds to arange(q) to position new tokens when the caller gives no
         # position_ids: absolute positions, or positions inside the cache.
         return self.kept if self.shifted else self.seen
-
-    def get_max_length(self) -> int:
-        return -1  # streams without limit; capacity bounds what is held, not what is seen
 
     def reset(self) -> None:
         if self.layer_idx == 0:
@@ -150,12 +219,6 @@ class FixedCapacityLayer(CacheLayerMixin):
 
     def observe_attention(self, keys: torch.Tensor, start: int, total: int) -> None:
         """Called with the keys attention will see; attention-scored policies score here (scored.py)."""
-
-    def after_attention(self) -> None:
-        """The attention module has used the slots; after the last layer the cache evicts."""
-        if self.layer_idx == self.owner.num_layers - 1:
-            self.owner.end_forward()
-        self.query = self.raw_keys = self.rope = None
 
     def kept_positions(self) -> torch.Tensor:
         """[batch, kv_heads, kept] absolute positions held, ascending."""
@@ -188,7 +251,13 @@ class CompressedCache(Cache):
     """A transformers `Cache` of fixed-capacity layers, linked to the model it serves.
 
     Subclasses say what to evict (`eviction_priority`) and may keep per-slot state of
-    their own (`buffer_names`, `_allocate_policy_buffers`, `_score_forward`).
+    their own (`buffer_names`, `_allocate_policy_buffers`, `_score_forward`). A policy
+    whose spec has `full_layers` F leaves the model's first F layers whole (`WholeLayer`):
+    they keep every token, and the buffers stack the other layers only.
+
+    Memory: the buffers hold `capacity + lazy` slots between forwards, plus room for the
+    longest forward's new tokens (`chunk`, sized once per run so that the buffers do not
+    grow with the text). `held_bytes` counts the former, `nbytes` everything allocated.
     """
 
     layer_class: type[FixedCapacityLayer] = FixedCapacityLayer
@@ -196,13 +265,19 @@ class CompressedCache(Cache):
     buffer_names: tuple[str, ...] = ("keys", "values", "positions")
 
     def __init__(self, spec, num_layers: int, rotary_embedding, *, positions: str = "original", lazy: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, chunk: int = 1):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}")
         if lazy < 0:
             raise ValueError(f"lazy eviction buffer must be 0 or more tokens, got {lazy}")
         if positions == "shifted" and rotary_embedding is None:
             raise ValueError("shifted positions need a model with rotary embeddings (a rotary_emb module)")
+        if chunk < 1:
+            raise ValueError(f"chunk room must be 1 or more tokens, got {chunk}")
+        whole = getattr(spec.params, "full_layers", 0)
+        if whole >= num_layers:
+            raise SpecError(f"{spec.name} leaves its first {whole} layers uncompressed but the model has "
+                            f"{num_layers}: use fewer full layers than that, or the full cache (baseline)")
         self.spec = spec
         self.capacity = spec.capacity
         self.sink = spec.sink
@@ -212,6 +287,7 @@ class CompressedCache(Cache):
         self.lazy = lazy
         self.seed = seed  # for policies that draw random numbers
         self.num_layers = num_layers
+        self.chunk = chunk
         self.kept = 0  # n: slots holding tokens from earlier forwards, in every layer
         self.seen = 0  # tokens ever written, i.e. the next token's absolute position
         self.pending_total: int | None = None  # n + q while a forward is between its first update and eviction
@@ -228,7 +304,11 @@ class CompressedCache(Cache):
         self.in_graph = False
         self.next_position: torch.Tensor | None = None
         self.next_position_synced = 0  # `seen` when next_position was last set
-        super().__init__(layers=[self.layer_class(self, index) for index in range(num_layers)])
+        layers = [WholeLayer(self, index) if index < whole else self.layer_class(self, index, index - whole)
+                  for index in range(num_layers)]
+        self.whole_layers = layers[:whole]
+        self.stacked_layers = layers[whole:]
+        super().__init__(layers=layers)
 
     # -- buffers -------------------------------------------------------------------
 
@@ -239,11 +319,11 @@ class CompressedCache(Cache):
     def _allocate(self, slots: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
         """(Re)allocate every buffer with `slots` slots per layer, keeping what is held.
 
-        Called once with room for capacity + lazy buffer + the first chunk, and again
-        only when a later chunk is larger than any before it.
+        Called once with room for capacity + lazy buffer + the run's chunk, and again
+        only when a forward brings more tokens than that room.
         """
         batch, heads = key_like.shape[:2]
-        shape = (self.num_layers, batch, heads, slots)
+        shape = (len(self.stacked_layers), batch, heads, slots)
         old = self.buffers
         self.buffers = {
             "keys": key_like.new_zeros(*shape, key_like.shape[-1]),
@@ -257,7 +337,7 @@ class CompressedCache(Cache):
             # Fixed addresses let a compiled decode step update them in place inside a CUDA graph.
             torch._dynamo.mark_static_address(buffer)
         self._views.clear()
-        for layer in self.layers:
+        for layer in self.stacked_layers:
             layer._attach({name: self.buffers[name] for name in self.buffer_names})
 
     def _allocate_policy_buffers(self, shape: tuple[int, ...], key_like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -273,7 +353,7 @@ class CompressedCache(Cache):
         view = self._views.get(key)
         if view is None:
             # Ranges seen while filling up are not seen again; a steady state needs a few per layer.
-            if len(self._views) > 16 * (self.num_layers + 1):
+            if len(self._views) > 16 * (len(self.stacked_layers) + 1):
                 self._views.clear()
             view = self._views[key] = make()
         return view
@@ -288,10 +368,26 @@ class CompressedCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache's buffers (keys, values and policy state)."""
-        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+        """Bytes allocated: the buffers (keys, values, policy state, the chunk's room) and the whole layers."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values()) + self._whole_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the cache holds between forwards: the buffers' `capacity + lazy` slots (and
+        the per-layer state that is not per slot), and the whole layers' tokens."""
+        held = self._whole_bytes
+        for name, buffer in self.buffers.items():
+            size = buffer.numel() * buffer.element_size()
+            held += size * (self.capacity + self.lazy) // self.slots if name in self.buffer_names else size
+        return held
+
+    @property
+    def _whole_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.whole_layers)
 
     def reset_buffers(self) -> None:
+        for layer in self.whole_layers:
+            layer.reset()
         for name, buffer in self.buffers.items():
             buffer.fill_(-1 if name == "positions" else 0)
         self.kept = self.seen = 0
@@ -309,7 +405,7 @@ class CompressedCache(Cache):
         incoming = key_states.shape[2]
         start, total = self.kept, self.kept + incoming
         if not self.buffers:
-            self._allocate(self.capacity + self.lazy + incoming, key_states, value_states)
+            self._allocate(self.capacity + self.lazy + max(self.chunk, incoming), key_states, value_states)
         elif total > self.slots:
             self._allocate(total, key_states, value_states)
         new_positions = self._flat("positions", start, total)
@@ -398,10 +494,23 @@ class CompressedCache(Cache):
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Mask rows are slot indices, whatever the RoPE positions are.
-        return self.kept
+        return self.layers[layer_idx].kept
 
     def reset(self) -> None:
         self.reset_buffers()
+
+    def mask_for(self, layer: LinkedLayer, mask: torch.Tensor, length: int) -> torch.Tensor:
+        """`layer`'s causal mask for this forward's `length` queries, given the one transformers
+        made ([batch, 1, q, keys], boolean or additive): the queries are the last `length` of
+        the layer's kept + length keys and see every key up to their own."""
+        keys = layer.kept + length
+        if mask.shape[-1] == keys:
+            return mask
+        allowed = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril(keys - length)
+        if mask.dtype != torch.bool:
+            allowed = torch.zeros(length, keys, dtype=mask.dtype, device=mask.device).masked_fill(
+                ~allowed, torch.finfo(mask.dtype).min)
+        return allowed.expand(mask.shape[0], mask.shape[1], length, keys)
 
     # -- RoPE ------------------------------------------------------------------------
 

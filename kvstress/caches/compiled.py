@@ -38,7 +38,7 @@ class CompiledDecode:
     @staticmethod
     def compiles(cache, input_ids: torch.Tensor) -> bool:
         """Whether this forward is a steady-state decode step the graph covers."""
-        if not isinstance(cache, CompressedCache) or input_ids.shape[1] != 1 or cache.lazy:
+        if not isinstance(cache, CompressedCache) or input_ids.shape[1] != 1 or cache.lazy or cache.whole_layers:
             return False
         return cache.slots > 0 and cache.kept == cache.capacity and cache.seen >= cache.sink
 

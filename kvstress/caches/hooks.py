@@ -13,6 +13,10 @@ does it), installed once per model and inert for any other cache:
   hook after the attention module    ends the layer's part of the forward; after the last
                                      layer the cache evicts back to capacity in every layer
 
+A cache with whole (uncompressed) layers beside compressed ones also gets each layer's
+causal mask from the pre-hook: transformers makes one per forward, for layer 0's count
+of cached tokens.
+
 The model's own attention (SDPA) runs unchanged.
 """
 
@@ -125,6 +129,12 @@ def attach(model: nn.Module) -> AttentionLinks:
                 rope = cache.rope_in_cache(layer.kept, length, hidden_states)
                 kwargs["position_embeddings"] = rope
             layer.rope = rope
+            mask = kwargs.get("attention_mask")
+            if cache.whole_layers and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                # transformers builds one mask, from layer 0's sizes; whole and compressed
+                # layers hold different counts of tokens, so the other kind gets its own.
+                length = (args[0] if args else kwargs["hidden_states"]).shape[1]
+                kwargs["attention_mask"] = cache.mask_for(layer, mask, length)
             return args, kwargs
 
         def after_attention(module, args, kwargs, output, link=link):

@@ -1,11 +1,25 @@
 """Key norm: evict the keys with the largest L2 norm (Devoto et al., 2024, "A Simple and
-Effective L2 Norm-Based Strategy for KV Cache Compression").
+Effective L2 Norm-Based Strategy for KV Cache Compression", EMNLP; the authors' code:
+alessiodevoto/l2compress, `cache.py`, `l2_compress`).
 
-Keys with a low norm draw high attention, so the policy keeps them, scoring a token by
-the negated norm of its cached key when it enters the cache, once: no query, no
-softmax. RoPE rotates pairs of coordinates, so the norm is the same before and after
-it (kvpress's KnormPress scores the rotated keys; shifted mode caches them unrotated).
-Sinks and a recent window are kept regardless of norm.
+Keys with a low norm draw high attention, so the policy keeps them. As the authors'
+`l2_compress` does it after each forward: in every compressed layer, each KV head ranks
+every cached key, the forward's new ones included (so the newest token can be evicted),
+by the L2 norm of the key as cached, and keeps the `capacity` lowest; no query, no
+softmax. The first `F` layers are left whole (`full_layers`): the authors skip layers
+0 and 1 in their README's usage, whose keys do not show the norm–attention link (their
+model class defaults to layer 0 alone, `l2_compress` itself to none). A whole layer
+keeps every token, so with `F > 0` the cache grows with the text in those layers.
+RoPE rotates pairs of coordinates, so the norm is the same before and after it.
+
+`knorm_S_W_F_C`; the authors' policy is `knorm_0_0_2_C`, the default. Sinks `S` and a
+recent window `W` are kvstress's additions, protected regardless of norm when asked for.
+
+Departures: the authors keep a fraction of the cache (`keep_ratio`) once it passes
+`prune_after` tokens; kvstress keeps a fixed count (`capacity`), the streaming reading
+every policy here shares. Only the first `F` layers can be left whole, not any list
+(every setting the authors use is such a prefix). Norms are float32; ties go to the
+lowest slot.
 """
 
 from __future__ import annotations
@@ -14,16 +28,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..spec import Params, Policy
+from ..spec import Params, Policy, SpecError
 from .scored import ScoredCache
 
 
 @dataclass(frozen=True, kw_only=True)
 class KeyNormParams(Params):
-    sink: int = 4
-    window: int | None = None
+    sink: int = 0
+    window: int = 0
+    full_layers: int = 2
     capacity: int
     rest = "low-norm keys"
+
+    def check(self) -> None:
+        if self.full_layers < 0:
+            raise SpecError(f"full_layers must be 0 or more, got {self.full_layers}")
 
 
 class KeyNormCache(ScoredCache):
@@ -36,6 +55,7 @@ class KeyNormCache(ScoredCache):
 POLICY = Policy(
     name="knorm",
     params=KeyNormParams,
-    description="key norm: S sinks + W most recent + the tokens whose keys have the smallest L2 norm",
+    description="key norm (the authors'): the first F layers whole, elsewhere each KV head keeps the keys with "
+                "the smallest L2 norm; S sinks and W recent optional",
     cache=KeyNormCache,
 )

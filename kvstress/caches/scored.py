@@ -149,7 +149,8 @@ class AttentionScoredCache(ScoredCache):
         }
 
     def keep_decode_query(self, layer: AttentionScoredLayer) -> None:
-        self.cached_view(("query", layer.layer_idx), lambda: self.buffers["queries"][layer.layer_idx]).copy_(layer.query)
+        index = layer.stack_index
+        self.cached_view(("query", index), lambda: self.buffers["queries"][index]).copy_(layer.query)
         self._decode_rope, self._scaling = layer.rope, layer.scaling
 
     def _score_forward(self, total: int) -> None:

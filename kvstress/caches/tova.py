@@ -1,17 +1,23 @@
 """TOVA: keep the tokens the current query attends to most (Oren et al., 2024, "Transformers
-are Multi-State RNNs").
+are Multi-State RNNs", §3; the authors' code: schwartz-lab-NLP/TOVA, `src/tova_cache.py`).
 
-At each step TOVA evicts the token with the least attention from the newest query. A
+As the authors define it (`tova_S_C`, default `tova_0_C`): after each forward, a layer
+that holds more than `capacity` tokens keeps the `capacity` tokens with the most
+attention from the forward's *last* query, that attention averaged over *all the
+layer's query heads*, and evicts the same tokens from every head of the layer. A
 token's score is that attention alone, replaced every forward, not accumulated as in
-H2O. For a prefill chunk the score is the attention of the chunk's last query, as the
-authors' implementation does when it reduces a prompt.
+H2O; a prefill chunk is scored by its last query, as the authors' `reduce` does for a
+prompt. There is no recent window: the newest token competes with the others. The
+sinks (`S`, 0 in the authors' TOVA) are kvstress's addition: kept for good when asked for.
 
-Where the paper averages the attention over all heads of a layer and evicts the same
-token from every head, kvstress decides per sequence and KV head, summing over the
-query heads of the KV group, as it does for H2O: heads attend to different tokens, and
-a per-head choice keeps a model sharded by heads exact. Optional sinks (`tova_S_C`)
-are kept for good; the paper's TOVA has none (`tova_0_C`, the default) and no recent
-window: the newest token competes with the others (it usually attends to itself).
+`tovahead_S_C` is kvstress's variant, not the authors': the same score summed over the
+query heads of each KV head only, and each KV head evicts its own tokens (how H2O pools).
+A per-head choice also keeps a model sharded by heads (--tp) exact, which the
+layer-wide average cannot be without gathering every rank's heads.
+
+Departures from the authors' code, both variants: scores are float32 whatever the
+model's dtype (the authors average the model-dtype attention weights); a tie is broken
+by the lowest slot (`argmin`) rather than by `topk`'s unspecified order.
 """
 
 from __future__ import annotations
@@ -32,6 +38,21 @@ class TOVAParams(Params):
 
 
 class TOVACache(AttentionScoredCache):
+    """The authors' TOVA: one score per token and layer, shared by the layer's heads."""
+
+    last_query_only = True
+
+    def update_scores(self, scores: torch.Tensor, mass: torch.Tensor) -> None:
+        # mass [rows, kv_heads, slots], each KV head's already summed over its query group:
+        # the sum over KV heads is the layer's sum over all its query heads, which ranks
+        # the tokens as the authors' mean does. Every head gets the same row, so every
+        # head's argmin (same slots, same ties) evicts the same token.
+        scores.copy_(mass.sum(dim=1, keepdim=True).expand_as(scores))
+
+
+class PerHeadTOVACache(AttentionScoredCache):
+    """kvstress's variant: each KV head ranks its tokens by its own query group's attention."""
+
     last_query_only = True
 
     def update_scores(self, scores: torch.Tensor, mass: torch.Tensor) -> None:
@@ -41,6 +62,16 @@ class TOVACache(AttentionScoredCache):
 POLICY = Policy(
     name="tova",
     params=TOVAParams,
-    description="TOVA: S sinks + the tokens the newest query attends to most (per KV head)",
+    description="TOVA (the authors'): S sinks + the tokens the newest query attends to most, "
+                "averaged over the layer's heads, one eviction shared by the layer's heads",
     cache=TOVACache,
+    per_head=False,
+)
+
+PER_HEAD_POLICY = Policy(
+    name="tovahead",
+    params=TOVAParams,
+    description="kvstress's per-KV-head TOVA variant: each KV head keeps the tokens its query group "
+                "attends to most",
+    cache=PerHeadTOVACache,
 )
