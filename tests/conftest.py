@@ -48,6 +48,26 @@ def peaked_llama():
     return model
 
 
+@pytest.fixture
+def example_policy(monkeypatch):
+    """The example plugin's policy, `ema`, registered in this process through kvstress's own
+    entry-point loader, from the example's source folder: what example_plugin's real pip
+    install gives, without installing (the fast tier's stand-in; the install is tested slow)."""
+    from importlib.metadata import EntryPoint
+
+    import kvstress.spec as spec_module
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples" / "kvstress-plugin-example"))
+    point = EntryPoint(name="ema", value="kvstress_plugin_example:POLICY", group=spec_module.ENTRY_POINT_GROUP)
+    installed = spec_module.entry_points
+    monkeypatch.setattr(spec_module, "entry_points",
+                        lambda group: [point] if group == spec_module.ENTRY_POINT_GROUP else installed(group=group))
+    spec_module.reload_plugins()
+    yield "ema"
+    monkeypatch.undo()
+    spec_module.reload_plugins()
+
+
 @pytest.fixture(scope="session")
 def example_plugin():
     """The example policy package (examples/kvstress-plugin-example) pip-installed into this

@@ -1,22 +1,17 @@
 """Every shared capability works for every measuring command: the matrix of issue 12.
 
 Each test is parametrised over sweep, ppl, needle and batch, and fails when its
-capability is broken for that command: --max-memory, Ctrl-C keeps what was measured
-and prints the resume command, --resume measures nothing twice and refuses a changed
+capability is broken for that command: --max-memory, --resume refuses a changed
 config, --isolate records a crashed child and goes on, --lazy, --compile (every command
 here has single-token steps; ppl with --chunk 1), --debug. The ten-OOMs test is in
-test_reliability.py.
+test_reliability.py; a stop signal (SIGTERM, and Ctrl-C whose handling is the same code)
+keeping what was measured, printing the resume command and --resume measuring nothing
+twice, per command: test_signals.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -39,6 +34,8 @@ COMMANDS = {
     "batch": ["batch", "--length", "128", "--batch-sizes", "1,2,3,4,5,6", "--chunk", "32", "--decode-steps", "4"],
 }
 ALL = list(COMMANDS)
+# The matrix's cells for sweep run in the fast tier; the other commands' cells are slow.
+MATRIX = [command if command == "sweep" else pytest.param(command, marks=pytest.mark.slow) for command in COMMANDS]
 # The same runs cut short (a repeated option's last value wins), for the cells that need no interruption.
 SHORTER = {"sweep": ["--lengths", "128,256"], "ppl": ["--tokens", "256", "--buckets", "128"],
            "needle": ["--lengths", "128,192", "--depths", "0"], "batch": ["--batch-sizes", "1,2"]}
@@ -56,28 +53,23 @@ def args(command: str, text_file, out, *extra: str, methods: list[str] = METHODS
             *extra]
 
 
-def keys(path) -> Counter:
-    """Every record of a results file as (method, length, batch size, status), with multiplicity,
-    and every needle cell: a point measured twice shows up twice."""
-    doc = json.loads(path.read_text())
-    found = Counter((r["method"], r["length"], r["batch_size"], r["status"]) for r in doc["records"])
-    found.update((e["method"], e["length"], e["depth"], "cell") for e in doc["events"] if e["type"] == "needle_cell")
-    return found
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, text_file):
-    """command → the records of a run that was never stopped."""
+def finished(tmp_path_factory, text_file):
+    """command → the results file of a short run that finished (run when first asked for)."""
     found = {}
-    for command in ALL:
-        out = tmp_path_factory.mktemp(command) / "full.json"
-        result = runner.invoke(app, args(command, text_file, out))
-        assert result.exit_code == 0, result.output
-        found[command] = (out, keys(out))
-    return found
+
+    def results_of(command: str):
+        if command not in found:
+            out = tmp_path_factory.mktemp(command) / "full.json"
+            result = runner.invoke(app, args(command, text_file, out, *SHORTER[command]))
+            assert result.exit_code == 0, result.output
+            found[command] = out
+        return found[command]
+
+    return results_of
 
 
-@pytest.mark.parametrize("command", ALL)
+@pytest.mark.parametrize("command", MATRIX)
 def test_max_memory(tmp_path, text_file, command):
     weights = sum(p.numel() * p.element_size() for p in load_model("tiny-random").model.parameters())
     out = tmp_path / "r.json"
@@ -89,46 +81,17 @@ def test_max_memory(tmp_path, text_file, command):
     assert any(r["method"] != "baseline" and r["status"] == "ok" for r in records)
 
 
-@pytest.mark.parametrize("command", ALL)
-def test_ctrl_c_keeps_what_was_measured_and_resume_measures_nothing_twice(tmp_path, text_file, uninterrupted,
-                                                                          command):
-    out = tmp_path / "r.json"
-    process = subprocess.Popen([sys.executable, "-m", "kvstress", *args(command, text_file, out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the run ended before it could be interrupted: {process.stderr.read()}"
-        try:
-            if json.loads(out.read_text())["records"]:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "--resume" in stderr and "Traceback" not in stderr
-    doc = json.loads(out.read_text())
-    assert doc["complete"] is False and doc["records"]
-    assert keys(out) != uninterrupted[command][1]
-
-    result = runner.invoke(app, args(command, text_file, out, "--resume"))
-    assert result.exit_code == 0, result.output
-    assert keys(out) == uninterrupted[command][1]
-    assert json.loads(out.read_text())["complete"] is True
-
-
-@pytest.mark.parametrize("command", ALL)
-def test_resume_refuses_a_changed_config(text_file, uninterrupted, command):
-    out = uninterrupted[command][0]
+@pytest.mark.parametrize("command", MATRIX)
+def test_resume_refuses_a_changed_config(text_file, finished, command):
+    out = finished(command)
     before = out.read_text()
-    result = runner.invoke(app, args(command, text_file, out, "--resume", "--positions", "shifted"))
+    result = runner.invoke(app, args(command, text_file, out, *SHORTER[command], "--resume", "--positions", "shifted"))
     assert result.exit_code == 2
     assert "config differs in positions" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert out.read_text() == before
 
 
+@pytest.mark.slow  # a child interpreter per method
 @pytest.mark.parametrize("command", ALL)
 def test_isolate_records_a_crashed_child_and_goes_on(tmp_path, text_file, monkeypatch, command):
     monkeypatch.setenv(CRASH_ENV, "streaming_4_48:150")
@@ -150,7 +113,7 @@ def test_isolate_records_a_crashed_child_and_goes_on(tmp_path, text_file, monkey
     assert not list(tmp_path.glob(".*.part"))
 
 
-@pytest.mark.parametrize("command", ALL)
+@pytest.mark.parametrize("command", MATRIX)
 def test_lazy_reaches_the_compressed_caches(tmp_path, text_file, monkeypatch, command):
     made = []
     real = stream_module.make_run_cache
@@ -185,7 +148,7 @@ class CountingDecode:
                           **{self.cache_argument: cache}).logits
 
 
-@pytest.mark.parametrize("command", ALL)
+@pytest.mark.parametrize("command", MATRIX)
 def test_compile_takes_the_single_token_steps(tmp_path, text_file, monkeypatch, command):
     warm_up = stream_module.Harness._warm_up_compiled
 

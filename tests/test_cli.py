@@ -203,6 +203,7 @@ def test_policies_lists_every_registered_policy():
         assert policy.form in result.stdout and policy.example in result.stdout
 
 
+@pytest.mark.slow  # a pip install of the example package
 def test_sweep_with_a_policy_from_a_plugin(tmp_path, text_file, example_plugin):
     """A policy an installed package registers (entry point group kvstress.policies) runs by name."""
     out = tmp_path / "r.json"

@@ -26,6 +26,7 @@ def model(peaked_llama):
     return peaked_llama
 
 
+@pytest.mark.slow  # inductor compilations
 @pytest.mark.parametrize("spec, positions", [
     ("h2o_2_6_24", "original"),
     ("streaming_4_24", "shifted"),
@@ -76,6 +77,7 @@ def test_compiled_decode_matches_eager_with_one_graph(model, spec, positions):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow  # inductor compilations
 @pytest.mark.parametrize("spec", ["h2o_2_6_24", "streaming_4_24", "tova_2_24", "knorm_2_6_0_24", "random_2_6_24"])
 def test_compiled_step_writes_only_inputs_marked_static(model, spec):
     """On CUDA, inductor replays the step as a CUDA graph only if every input tensor the graph
@@ -121,6 +123,7 @@ def test_compiled_decode_leaves_other_forwards_eager(model):
     assert not CompiledDecode.compiles(cache, ids[:, :2])  # a chunk
 
 
+@pytest.mark.slow  # inductor compilations
 def test_sweep_with_compile(tmp_path):
     text = tmp_path / "book.txt"
     text.write_text("It was the best of times, it was the worst of times. " * 300, encoding="utf-8")

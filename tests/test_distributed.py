@@ -293,6 +293,7 @@ def launched(tmp_path_factory):
     return out, [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
+@pytest.mark.slow  # torchrun launches (the module's one launch)
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("mode", list(SCHEDULES))
 def test_tp2_logits_and_kept_positions_equal_tp1(launched, spec, mode):
@@ -311,6 +312,7 @@ def test_tp2_logits_and_kept_positions_equal_tp1(launched, spec, mode):
         assert h2o != streaming
 
 
+@pytest.mark.slow  # torchrun launches (the module's one launch)
 @pytest.mark.parametrize("name", list(OTHER_COMMANDS))
 def test_ppl_needle_and_batch_under_tp2_record_what_tp1_records(launched, name, tmp_path):
     """The same points, perplexities, needle answers and cache sizes (summed over the ranks) as one process."""
@@ -339,6 +341,7 @@ def _results(out: Path) -> dict:
     return json.loads((out / "sweep" / "results.json").read_text())
 
 
+@pytest.mark.slow  # torchrun launches (the module's one launch)
 def test_compare_under_tp2_prints_one_table_from_rank0(launched):
     out, ranks = launched
     zero, one = (seen["compare"] for seen in ranks)
@@ -348,6 +351,7 @@ def test_compare_under_tp2_prints_one_table_from_rank0(launched):
     assert len(rows) == 1 and "–" not in rows[0].split("|")[3], zero["printed"]  # its perplexity is there
 
 
+@pytest.mark.slow  # torchrun launches (the module's one launch)
 def test_oom_on_one_rank_is_recorded_once_and_the_run_goes_on(launched):
     out, ranks = launched
     assert [seen["sweep_exit"] for seen in ranks] == [0, 0]
@@ -363,6 +367,7 @@ def test_oom_on_one_rank_is_recorded_once_and_the_run_goes_on(launched):
     assert doc["complete"] is True
 
 
+@pytest.mark.slow  # torchrun launches (the module's one launch)
 def test_oom_inside_a_forward_on_one_rank_is_agreed_without_waiting(launched):
     """Rank 1 runs out of memory in layer 1's attention while rank 0 goes on to wait in the
     next all-reduce: rank 1 stands in for it, both record the point and the run goes on (a
@@ -377,6 +382,7 @@ def test_oom_inside_a_forward_on_one_rank_is_agreed_without_waiting(launched):
     assert [seen["sweep_exit"] for seen in ranks] == [0, 0]
 
 
+@pytest.mark.slow  # torchrun launches (the module's one launch)
 def test_another_error_inside_a_forward_on_one_rank_stops_every_rank_at_once(launched):
     """A bug on rank 1 inside the model's forward: rank 1 stands in for the collective rank 0
     waits in, raises its error; rank 0 stops with one line naming it, long before the 60 s
@@ -392,6 +398,7 @@ def test_another_error_inside_a_forward_on_one_rank_stops_every_rank_at_once(lau
     assert [(r["length"], r["status"]) for r in doc["records"]] == [(128, "ok")] and doc["complete"] is False
 
 
+@pytest.mark.slow  # torchrun launches (the module's one launch)
 def test_results_written_by_rank0_only_with_per_rank_memory_and_slowest_time(launched):
     out, ranks = launched
     assert not (out / "writes-rank1.log").exists()  # rank 1 never wrote a results file
@@ -455,6 +462,7 @@ def _dead_rank() -> None:
         print(f"LOST: {lost}", flush=True)
 
 
+@pytest.mark.slow  # torchrun launch
 def test_a_dead_rank_is_named_not_waited_for(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "KVSTRESS_TP_TIMEOUT_S": "30", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -467,13 +475,14 @@ def test_a_dead_rank_is_named_not_waited_for(tmp_path):
     assert "--resume" in output
 
 
-@pytest.mark.parametrize("stop", [pytest.param(signal.SIGINT, id="SIGINT"),
-                                  pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow)])
-def test_ctrl_c_under_torchrun_stops_every_rank_and_resume_finishes(tmp_path, stop):
-    """The terminal's Ctrl-C reaches torchrun and both ranks (one process group), and torchrun
+@pytest.mark.slow  # two torchrun launches
+def test_a_stop_signal_under_torchrun_stops_every_rank_and_resume_finishes(tmp_path):
+    """A stop signal sent to the process group reaches torchrun and both ranks, and torchrun
     passes it on to them again: every rank stops after the same step, rank 0 keeps what was
-    measured and says how to resume, and --resume measures only what is missing. A scheduler's
-    SIGTERM to torchrun (which passes it on to the ranks) does the same."""
+    measured and says how to resume, and --resume measures only what is missing. Sent here as
+    SIGTERM (a scheduler's); the terminal's Ctrl-C is the same handler with another signal
+    number (test_signals.py, test_reliability.py: two within a second are one)."""
+    stop = signal.SIGTERM
     import time
 
     text = tmp_path / "text.txt"

@@ -257,7 +257,8 @@ def test_quantized_cache_generates(model):
 # -- a policy from outside kvstress -------------------------------------------------------------
 
 
-def test_plugin_policy_is_usable_by_name(model, example_plugin):
+def test_plugin_policy_is_usable_by_name(model, example_policy):
+    example_plugin = example_policy
     rows = {row.name: row for row in describe_policies()}
     assert rows[example_plugin].form == "ema_S_W_C_D"
     assert example_plugin not in all_methods()

@@ -74,6 +74,7 @@ def uninterrupted(tmp_path_factory, text_file):
     return points(out)
 
 
+@pytest.mark.slow  # a child interpreter
 def test_killed_sweep_resumes_to_the_same_points(tmp_path, text_file, uninterrupted):
     out = tmp_path / "results.json"
     process = start_sweep(out, text_file)
@@ -89,6 +90,7 @@ def test_killed_sweep_resumes_to_the_same_points(tmp_path, text_file, uninterrup
     assert json.loads(out.read_text())["complete"] is True
 
 
+@pytest.mark.slow  # a child interpreter
 def test_ctrl_c_stops_writes_and_says_how_to_resume(tmp_path, text_file, uninterrupted):
     out = tmp_path / "results.json"
     process = start_sweep(out, text_file)
@@ -150,6 +152,7 @@ def _live_tensor_bytes() -> int:
         return sum(t.numel() * t.element_size() for t in gc.get_objects() if isinstance(t, torch.Tensor))
 
 
+@pytest.mark.slow  # ten streams per command
 @pytest.mark.parametrize("command", ["sweep", "ppl", "needle", "batch"])
 def test_ten_ooms_in_a_row_leave_allocated_memory_where_it_started(tmp_path, text_file, monkeypatch, command):
     """Each method runs out of its budget at its first forward; afterwards none of its caches, nor any tensor
