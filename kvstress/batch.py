@@ -48,33 +48,14 @@ methods whose largest batch is recorded.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from .config import BatchConfig, ConfigError
+from .config import BatchConfig, ConfigError, parse_batch_sizes  # noqa: F401 - parse_batch_sizes: read from here too
+from .events import MAX_BATCH_EVENT, describe_max_batch, largest_batches
 from .run import Schedule
 from .spec import MethodSpec
 from .stream import Harness
 from .sweep import run_checkpoints
-
-MAX_BATCH_EVENT = "max_batch"
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """`1,2,4,8` → (1, 2, 4, 8); positive whole numbers, increasing."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts:
-        raise ConfigError("--batch-sizes is empty: give increasing batch sizes, e.g. 1,2,4,8")
-    sizes = []
-    for part in parts:
-        if not re.fullmatch(r"\d+", part):
-            raise ConfigError(f"--batch-sizes: cannot read {part!r}: give whole numbers such as 1,2,4,8")
-        sizes.append(int(part))
-    if any(size < 1 for size in sizes):
-        raise ConfigError(f"--batch-sizes must be positive, got {text}: e.g. 1,2,4,8")
-    if any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise ConfigError(f"--batch-sizes must increase, got {text}: e.g. 1,2,4,8")
-    return tuple(sizes)
 
 
 def find_max_batch(fits: Callable[[int], bool], limit: int) -> tuple[int | None, int | None, list[int]]:
@@ -125,16 +106,13 @@ class BatchSchedule(Schedule):
     def load_text(self, tokenizer):
         """The text holding config.largest_batch segments; a one-line error naming the largest
         batch the text allows when it is too short (batch sizes are never capped silently)."""
-        from .texts import TextError, load_text
+        from .texts import ShortText, load_text
 
         config = self.config
         try:
             return load_text(config.dataset, tokenizer, config.tokens_needed, book=self.book)
-        except TextError as error:
-            match = re.match(r"(.+) has only (\d+) tokens but the longest length asked for is", str(error))
-            if match is None:
-                raise
-            name, available = match.group(1), int(match.group(2))
+        except ShortText as error:
+            name, available = error.name, error.available
         per_sequence = config.tokens_per_sequence
         allowed = available // per_sequence
         what = "--max-batch" if config.find_max_batch else "the largest --batch-sizes value"
@@ -204,16 +182,3 @@ class BatchSchedule(Schedule):
         return record
 
 
-def describe_max_batch(event: dict) -> str:
-    """One line: the largest batch that fit and what ended the search."""
-    method, best = event["method"], event["batch_size"]
-    if best is None:
-        return f"{method}: even batch 1 ran out of memory at {event['length']} tokens"
-    if event["limited_by"] == "oom":
-        return f"{method}: largest batch that fits is {best} (batch {event['first_oom']} ran out of memory)"
-    return f"{method}: largest batch that fits is at least {best} (no OOM up to the {event['limited_by']} limit)"
-
-
-def largest_batches(events: Sequence[dict]) -> dict[str, dict]:
-    """method → its (last) max_batch event, from a results file's events."""
-    return {event["method"]: event for event in events if event.get("type") == MAX_BATCH_EVENT}

@@ -2,10 +2,12 @@
 
 Every measuring command (sweep, ppl, needle, batch, compare) takes the shared options
 of config.RunConfig through one decorator, builds its config, and hands a schedule to
-run.execute. Expected failures (any errors.KvstressError) print one line on stderr that
+run.execute. Nothing here loads torch or transformers: the options are checked and the
+config built first, and only then is the command's measuring module imported. Every
+default is the config dataclass's (`_default`). Expected failures (any errors.KvstressError) print one line on stderr that
 names the fix and exit with code 2; `--debug` shows the traceback. Ctrl-C exits with 130
 after saying how to resume, SIGTERM (a scheduler ending the job) the same way with 143:
-from the moment a command starts (stream.stop_on_interrupt; at once until measuring starts).
+from the moment a command starts (control.stop_on_interrupt; at once until measuring starts).
 """
 
 import functools
@@ -18,20 +20,23 @@ from pathlib import Path
 import typer
 
 from .config import (
-    DEFAULT_LENGTHS,
     BatchConfig,
     ConfigError,
     NeedleConfig,
     PplConfig,
+    RunConfig,
     SweepConfig,
     build_methods,
+    parse_batch_sizes,
+    parse_buckets,
+    parse_depths,
     parse_length,
     parse_lengths,
 )
-from .errors import KvstressError
-from .memory import parse_size
+from .control import stop_on_interrupt
+from .errors import KvstressError, RunInterrupted, StopNow
+from .sizes import parse_size
 from .spec import all_methods
-from .stream import RunInterrupted, StopNow, stop_on_interrupt
 from .tables import console, notify, progress_bars
 
 app = typer.Typer(
@@ -66,43 +71,63 @@ def _option(default, *names: str, help: str):
     return typer.Option(default, *names, help=help)
 
 
+def _defaults(config: type[RunConfig]) -> dict:
+    """Each option's default: the config dataclass's, the one place it is written."""
+    return {name: field.default for name, field in config.__dataclass_fields__.items()}
+
+
+SWEEP, PPL, NEEDLE, BATCH = map(_defaults, (SweepConfig, PplConfig, NeedleConfig, BatchConfig))
+_CONFIG = object()  # a shared option whose default is RunConfig's (filled in below)
+
+
+def _tokens_text(n: int) -> str:
+    """A token count as the options spell it: 4096 → 4k."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 # The options every measuring command shares: (name, type, typer option). A command
 # decorated with @run_options receives them as one dict, `run`.
 _SHARED = [
     ("method", list[str], _option(["all"], "--method", "-m", help="Policy names or spec strings such as h2o_4_32_256 "
-                                  "(`kvstress policies` lists them), or all: " + ", ".join(all_methods()) + " (repeatable, "
+                                  "(`kvstress policies` lists them), or all: " + ", ".join(all_methods(plugins=False)) +
+                                  " (repeatable, "
                                   "or comma-separated).")),
     ("capacity", int | None, _option(None, help="Tokens a compressed cache holds (default 256).")),
     ("sink", int | None, _option(None, help="Attention-sink tokens kept from the start (default 4).")),
     ("window", int | None, _option(None, help="The recent window of policies that keep one (default capacity/8).")),
-    ("model", str, _option("smollm2-135m", help="HF id, local folder, smollm2-135m (bundled), random:<arch> or "
+    ("model", str, _option(_CONFIG, help="HF id, local folder, smollm2-135m (bundled), random:<arch> or "
                            "tiny-random.")),
-    ("dataset", str | None, _option(None, help="pg19, wikitext, shakespeare (bundled) or a text file; default "
+    ("dataset", str | None, _option(_CONFIG, help="pg19, wikitext, shakespeare (bundled) or a text file; default "
                                        "pg19, else shakespeare.")),
-    ("book", str | None, _option(None, help="A PG-19 book: its index in the test split, or part of its title "
+    ("book", str | None, _option(_CONFIG, help="A PG-19 book: its index in the test split, or part of its title "
                                  "(default: the first book long enough for the run).")),
-    ("device", str, _option("auto", help="auto, cpu or cuda.")),
-    ("dtype", str, _option("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")),
-    ("positions", str, _option("original", help="Compressed caches: original (absolute) or shifted (positions "
+    ("device", str, _option(_CONFIG, help="auto, cpu or cuda.")),
+    ("dtype", str, _option(_CONFIG, help="auto (bf16 on GPU, fp32 on CPU), float32, float16 or bfloat16.")),
+    ("positions", str, _option(_CONFIG, help="Compressed caches: original (absolute) or shifted (positions "
                                "inside the cache).")),
-    ("seed", int, _option(0, help="Seeds random weights, and the needles' haystacks and numbers.")),
-    ("lazy", int, _option(0, help="Let compressed caches run over capacity by this many tokens, then evict them "
+    ("seed", int, _option(_CONFIG, help="Seeds random weights, and the needles' haystacks and numbers.")),
+    ("lazy", int, _option(_CONFIG, help="Let compressed caches run over capacity by this many tokens, then evict them "
                           "at once.")),
     ("max_memory", str | None, _option(None, help="Memory budget (e.g. 8GB) that counts as out-of-memory when "
                                           "exceeded.")),
-    ("compile", bool, _option(False, "--compile", help="Compile the compressed caches' single-token steps "
+    ("compile", bool, _option(_CONFIG, "--compile", help="Compile the compressed caches' single-token steps "
                               "(torch.compile; one CUDA graph per step on GPU). The full cache stays eager.")),
-    ("tp", int, _option(1, "--tp", help="Tensor-parallel ranks: the model sharded by heads over N processes "
+    ("tp", int, _option(_CONFIG, "--tp", help="Tensor-parallel ranks: the model sharded by heads over N processes "
                         "(torchrun --nproc-per-node N -m kvstress ... --tp N); gloo on CPU, NCCL on CUDA.")),
-    ("device_map", str | None, _option(None, "--device-map", help="Not supported (compressed caches keep each "
+    ("device_map", str | None, _option(_CONFIG, "--device-map", help="Not supported (compressed caches keep each "
                                           "layer's buffers on one device): use --tp to use several cards.")),
-    ("force", bool, _option(False, "--force", help="Overwrite the results file if it exists.")),
-    ("resume", bool, _option(False, "--resume", help="Continue an interrupted run in its results file; what it "
+    ("force", bool, _option(_CONFIG, "--force", help="Overwrite the results file if it exists.")),
+    ("resume", bool, _option(_CONFIG, "--resume", help="Continue an interrupted run in its results file; what it "
                              "holds is kept, not measured again; refused if the config differs.")),
-    ("isolate", bool, _option(False, "--isolate", help="Run each method in a child process, so a hard crash is "
+    ("isolate", bool, _option(_CONFIG, "--isolate", help="Run each method in a child process, so a hard crash is "
                               "recorded and the run goes on.")),
-    ("debug", bool, _option(False, "--debug", help="Show tracebacks instead of one-line errors.")),
+    ("debug", bool, _option(_CONFIG, "--debug", help="Show tracebacks instead of one-line errors.")),
 ]
+
+
+for _name, _, _info in _SHARED:
+    if _info.default is _CONFIG:
+        _info.default = _defaults(RunConfig)[_name]
 
 
 def run_options(command):
@@ -166,22 +191,23 @@ def _results_line(out: Path, then: str) -> None:
 @run_options
 def sweep(
     lengths: str = typer.Option(
-        ",".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in DEFAULT_LENGTHS),
+        ",".join(map(_tokens_text, SWEEP["lengths"])),
         help="Checkpoint context lengths, increasing: 2k,4k or 2048,4096.",
     ),
-    chunk: int = typer.Option(512, help="Prefill chunk size in tokens."),
-    decode_steps: int = typer.Option(16, help="Single-token steps at each checkpoint (1 warm-up/TTFT, 1 attention "
+    chunk: int = typer.Option(SWEEP["chunk"], help="Prefill chunk size in tokens."),
+    decode_steps: int = typer.Option(SWEEP["decode_steps"], help="Single-token steps at each checkpoint (1 warm-up/TTFT, "
+                                     "1 attention "
                                      "probe, the rest timed)."),
-    batch_size: int = typer.Option(1, help="Sequences per batch, each a different segment of the text."),
-    out: Path = typer.Option(Path("results.json"), "--out", "-o", help="Results file (JSON), written as the run goes."),
+    batch_size: int = typer.Option(SWEEP["batch_size"], help="Sequences per batch, each a different segment of the text."),
+    out: Path = typer.Option(SWEEP["out"], "--out", "-o", help="Results file (JSON), written as the run goes."),
     *, run: dict,
 ) -> None:
     """Stream ever-longer text through each cache; record memory, TTFT, TPOT and perplexity per length."""
+    config = SweepConfig(**shared_config(run), lengths=parse_lengths(lengths), chunk=chunk, decode_steps=decode_steps,
+                         batch_size=batch_size, out=out)
     from .sweep import SweepSchedule
     from .tables import print_sweep
 
-    config = SweepConfig(**shared_config(run), lengths=parse_lengths(lengths), chunk=chunk, decode_steps=decode_steps,
-                         batch_size=batch_size, out=out)
     result = _execute(SweepSchedule(config, notify=notify))
     print_sweep(result.records)
     _results_line(out, "plot: kvstress plot")
@@ -190,24 +216,24 @@ def sweep(
 @app.command()
 @run_options
 def ppl(
-    tokens: str = typer.Option("4k", help="Tokens of text to score (e.g. 4096 or 4k)."),
-    chunk: int = typer.Option(1, help="Tokens per forward: 1 is exact streaming perplexity; more is faster but an "
+    tokens: str = typer.Option(_tokens_text(PPL["tokens"]), help="Tokens of text to score (e.g. 4096 or 4k)."),
+    chunk: int = typer.Option(PPL["chunk"], help="Tokens per forward: 1 is exact streaming perplexity; more is faster but an "
                               "approximation (tokens in a chunk see each other past the cache's capacity)."),
     buckets: str | None = typer.Option(None, help="Length bucket edges, e.g. 1k,2k,4k; default 1k, 2k, 4k ... up "
                                           "to --tokens."),
     books: str | None = typer.Option(None, help="Score several PG-19 books, each one sample, and report the mean and "
                                      "spread: a count (5: the first five long enough) or indices/titles (0,7,moby)."),
-    out: Path = typer.Option(Path("ppl.json"), "--out", "-o", help="Results file (JSON, kind ppl), written after "
+    out: Path = typer.Option(PPL["out"], "--out", "-o", help="Results file (JSON, kind ppl), written after "
                              "each bucket."),
     *, run: dict,
 ) -> None:
     """Streaming perplexity of a text under each cache: every token scored through the compressed cache."""
-    from .perplexity import PplSchedule, parse_buckets
-    from .tables import print_ppl
-
     count = _tokens(tokens, "--tokens")
     edges, note = parse_buckets(buckets, count)
     config = PplConfig(**shared_config(run), tokens=count, buckets=edges, chunk=chunk, books=books, out=out)
+    from .perplexity import PplSchedule
+    from .tables import print_ppl
+
     result = _execute(PplSchedule(config, bucket_note=note, notify=notify))
     print_ppl(config, result.records, result.events, result.text.name)
     _results_line(out, "table: kvstress report")
@@ -216,23 +242,28 @@ def ppl(
 @app.command()
 @run_options
 def needle(
-    lengths: str = typer.Option("1k,2k,4k,8k", help="Prompt lengths in tokens (haystack + needle + question), "
+    lengths: str = typer.Option(",".join(map(_tokens_text, NEEDLE["lengths"])), help="Prompt lengths in tokens (haystack + "
+                                "needle + question), "
                                 "increasing."),
-    depths: str = typer.Option("0,25,50,75,100", help="Where the needle sits, in percent of the haystack."),
-    needles: int = typer.Option(3, help="Trials (needles) per length and depth, each its own haystack and number."),
-    chunk: int = typer.Option(512, help="Prefill chunk size; the question always gets its own forward."),
-    max_new_tokens: int = typer.Option(24, help="Most tokens generated per answer (stops after the first number)."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the question in the tokenizer's chat template."),
-    out: Path = typer.Option(Path("needle.json"), "--out", "-o", help="Results file (JSON, kind needle), written "
+    depths: str = typer.Option(",".join(f"{d:g}" for d in NEEDLE["depths"]), help="Where the needle sits, in percent of "
+                               "the haystack."),
+    needles: int = typer.Option(NEEDLE["needles"], help="Trials (needles) per length and depth, each its own haystack "
+                                "and number."),
+    chunk: int = typer.Option(NEEDLE["chunk"], help="Prefill chunk size; the question always gets its own forward."),
+    max_new_tokens: int = typer.Option(NEEDLE["max_new_tokens"], help="Most tokens generated per answer (stops after the "
+                                       "first number)."),
+    chat: bool = typer.Option(NEEDLE["chat"], "--chat", help="Wrap the question in the tokenizer's chat template."),
+    out: Path = typer.Option(NEEDLE["out"], "--out", "-o", help="Results file (JSON, kind needle), written "
                              "after each cell."),
     *, run: dict,
 ) -> None:
     """Needle in a haystack: hide a number at each depth of real text, ask for it, score the answers."""
-    from .needle import NeedleSchedule, needle_cells, parse_depths
-    from .tables import print_needle
-
     config = NeedleConfig(**shared_config(run), lengths=parse_lengths(lengths), depths=parse_depths(depths),
                           needles=needles, chunk=chunk, max_new_tokens=max_new_tokens, chat=chat, out=out)
+    from .events import needle_cells
+    from .needle import NeedleSchedule
+    from .tables import print_needle
+
     result = _execute(NeedleSchedule(config, notify=notify))
     print_needle(config, needle_cells({"events": result.events}))
     _results_line(out, "plot: kvstress plot")
@@ -241,26 +272,30 @@ def needle(
 @app.command()
 @run_options
 def batch(
-    batch_sizes: str = typer.Option("1,2,4,8,16,32,64", help="Batch sizes to try in order, increasing, until OOM."),
-    length: str = typer.Option("4k", help="Context length of every sequence (e.g. 4096 or 4k)."),
-    max_batch: int | None = typer.Option(None, help="Largest batch to try; with --find-max-batch the search's "
+    batch_sizes: str = typer.Option(",".join(map(str, BATCH["batch_sizes"])), help="Batch sizes to try in order, "
+                                    "increasing, until OOM."),
+    length: str = typer.Option(_tokens_text(BATCH["length"]), help="Context length of every sequence (e.g. 4096 or 4k)."),
+    max_batch: int | None = typer.Option(BATCH["max_batch"], help="Largest batch to try; with --find-max-batch the search's "
                                             "bound (default: the largest --batch-sizes)."),
-    find_max_batch: bool = typer.Option(False, "--find-max-batch", help="Find the largest batch that fits: doubling "
+    find_max_batch: bool = typer.Option(BATCH["find_max_batch"], "--find-max-batch", help="Find the largest batch that fits: "
+                                        "doubling "
                                         "until OOM, then binary search."),
-    chunk: int = typer.Option(512, help="Prefill chunk size in tokens."),
-    decode_steps: int = typer.Option(16, help="Single-token steps after the context (1 warm-up, 1 attention probe, "
+    chunk: int = typer.Option(BATCH["chunk"], help="Prefill chunk size in tokens."),
+    decode_steps: int = typer.Option(BATCH["decode_steps"], help="Single-token steps after the context (1 warm-up, "
+                                     "1 attention probe, "
                                      "the rest timed)."),
-    out: Path = typer.Option(Path("batch.json"), "--out", "-o", help="Results file (JSON, kind batch), written after "
+    out: Path = typer.Option(BATCH["out"], "--out", "-o", help="Results file (JSON, kind batch), written after "
                              "each point."),
     *, run: dict,
 ) -> None:
     """Decode throughput (tok/s over all sequences) and peak memory per batch size; the largest batch that fits."""
-    from .batch import BatchSchedule, largest_batches, parse_batch_sizes
-    from .tables import print_batch
-
     config = BatchConfig(**shared_config(run), batch_sizes=parse_batch_sizes(batch_sizes),
                          length=_tokens(length, "--length"), max_batch=max_batch, find_max_batch=find_max_batch,
                          chunk=chunk, decode_steps=decode_steps, out=out)
+    from .batch import BatchSchedule
+    from .events import largest_batches
+    from .tables import print_batch
+
     result = _execute(BatchSchedule(config, notify=notify))
     print_batch(config, result.records, largest_batches(result.events))
     _results_line(out, "plot: kvstress plot")
@@ -270,8 +305,8 @@ def batch(
 @run_options
 def compare(
     datasets: str = typer.Option("pg19,wikitext", help="Comma-separated: pg19, wikitext, shakespeare or text files."),
-    tokens: str = typer.Option("4k", help="Tokens of each text to score."),
-    chunk: int = typer.Option(1, help="Tokens per forward: 1 is exact; more is faster but an approximation."),
+    tokens: str = typer.Option(_tokens_text(PPL["tokens"]), help="Tokens of each text to score."),
+    chunk: int = typer.Option(PPL["chunk"], help="Tokens per forward: 1 is exact; more is faster but an approximation."),
     buckets: str | None = typer.Option(None, help="Length bucket edges, e.g. 1k,2k,4k."),
     books: str | None = typer.Option(None, help="PG-19: several books, each one sample (see kvstress ppl --books)."),
     out_dir: Path = typer.Option(Path("compare"), "--out-dir", help="Folder for one results file per dataset."),
@@ -279,14 +314,14 @@ def compare(
     *, run: dict,
 ) -> None:
     """The seed experiment's six configurations (or --method) on each dataset, then the comparison table."""
-    from .perplexity import compare_methods, parse_buckets, run_compare
-    from .report import build_report, render
-
     names = [name.strip() for name in datasets.split(",") if name.strip()]
     count = _tokens(tokens, "--tokens")
     edges, note = parse_buckets(buckets, count)
     chosen = None if run["method"] == ["all"] else build_methods(run["method"], run["capacity"], run["sink"],
                                                                    run["window"])
+    from .perplexity import compare_methods, run_compare
+    from .report import build_report, render
+
     config = PplConfig(**shared_config(run, methods=chosen or compare_methods()), tokens=count, buckets=edges,
                        chunk=chunk, books=books)
     quiet = _quiet_rank(config.tp)

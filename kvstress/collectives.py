@@ -10,7 +10,7 @@ collective, and would wait there until the collective timeout ended the run. So:
                 and a watcher thread looks in the rendezvous store every 50 ms for a fault
                 posted in this forward; once there is one, the rank writes its notes to the
                 store, and every collective it calls after that, up to the agreement that
-                ends each forward (`Ranks.forward`), as it calls it
+                ends each forward (`Ranks.together`), as it calls it
   a failed rank posts the fault (with what it had called), then calls, with zeros, each
                 collective the others describe, in order, until they describe the agreement
                 (or, where every rank failed, until it has called as many as any of them);
@@ -67,6 +67,12 @@ def watch(store, rank: int, world: int, timeout_s: float) -> CollectiveLog:
     return _log
 
 
+def failed_collective(error: BaseException) -> str | None:
+    """The collective (noted during a forward) that raised `error`, or None: the process group
+    failing under the model's forward, rather than the forward itself."""
+    return getattr(error, "collective", None)
+
+
 def _noted(name: str, original: Callable) -> Callable:
     def collective(tensor, *args, **kwargs):
         log = _log
@@ -79,6 +85,9 @@ def _noted(name: str, original: Callable) -> Callable:
         log.nested = True  # funcol's older names call the newer ones: one collective, noted once
         try:
             return original(tensor, *args, **kwargs)
+        except RuntimeError as error:  # gloo's and NCCL's own errors are plain RuntimeErrors
+            error.collective = name  # structured: the failure came from a collective (failed_collective)
+            raise
         finally:
             log.nested = False
 

@@ -9,21 +9,18 @@ measures, so they are not stored.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from .caches import POSITION_MODES
-from .errors import KvstressError
+from .errors import ConfigError, KvstressError, TextError
+from .policy import POSITION_MODES
 from .spec import MethodSpec, SpecError, method_specs, parse_spec
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384, 32768, 50000)
 # Not part of what a run measures: how it is carried out.
 _CONTROL = {"control": True}
-
-
-class ConfigError(KvstressError, ValueError):
-    """A user mistake in the run's options."""
 
 
 def parse_length(text: str) -> int:
@@ -44,6 +41,93 @@ def parse_lengths(text: str, option: str = "--lengths") -> tuple[int, ...]:
     if any(b <= a for a, b in zip(lengths, lengths[1:])):
         raise ConfigError(f"{option} must increase, got {','.join(map(str, lengths))}: e.g. 2k,4k,8k")
     return lengths
+
+
+def parse_book(text: str) -> int | str:
+    """One --book value: digits are an index in the test split, anything else part of a title."""
+    text = text.strip()
+    if not text:
+        raise TextError("an empty book: give a book index (0 is the first) or part of a title")
+    return int(text) if text.isdigit() else text
+
+
+def parse_books(text: str) -> int | list[int | str]:
+    """A --books value: "5" is the first five long-enough books; "0,7,moby dick" those books."""
+    parts = text.split(",")
+    if len(parts) == 1 and parts[0].strip().isdigit():
+        return int(parts[0])
+    return [parse_book(part) for part in parts]
+
+
+def check_books(books: int | Sequence[int | str]) -> None:
+    """A --books choice that names at least one book (parse_books' value)."""
+    if isinstance(books, int) and books < 1:
+        raise TextError(f"asked for {books} PG-19 books: give at least 1")
+    if not isinstance(books, int) and not books:
+        raise TextError("no PG-19 book was chosen: give a book index or part of a title")
+
+
+def parse_buckets(text: str | None, tokens: int) -> tuple[tuple[int, ...], str | None]:
+    """Bucket end points, increasing, the last one == tokens; and a note when edges were dropped.
+
+    None gives 1k, 2k, 4k, ... below `tokens`, then `tokens`. Edges at or past `tokens`
+    are dropped (the last bucket always ends at `tokens`), with a note saying so.
+    """
+    if text is None:
+        edges, edge = [], 1024
+        while edge < tokens:
+            edges.append(edge)
+            edge *= 2
+        return tuple(edges) + (tokens,), None
+    edges = [parse_length(part) for part in text.split(",") if part.strip()]
+    if not edges:
+        raise ConfigError("--buckets is empty: give increasing token counts, e.g. 1k,2k,4k")
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ConfigError(f"--buckets must increase, got {text}: e.g. 1k,2k,4k")
+    kept = [edge for edge in edges if edge < tokens]
+    dropped = [edge for edge in edges if edge > tokens]
+    note = None
+    if dropped:
+        note = (f"bucket edge(s) {', '.join(map(str, dropped))} lie past --tokens {tokens}: "
+                f"the last bucket ends at {tokens}")
+    return tuple(kept) + (tokens,), note
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """`0,25,50,75,100` (percent of the haystack) → (0.0, 25.0, 50.0, 75.0, 100.0)."""
+    depths: list[float] = []
+    for part in text.split(","):
+        part = part.strip().rstrip("%").strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"cannot read depth {part!r}: write percentages like 0,25,50,75,100") from None
+        if not 0 <= value <= 100:
+            raise ConfigError(f"depth {part} is outside 0..100: depths are percent of the haystack")
+        if value not in depths:
+            depths.append(value)
+    if not depths:
+        raise ConfigError("--depths is empty: give percentages like 0,25,50,75,100")
+    return tuple(sorted(depths))
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """`1,2,4,8` → (1, 2, 4, 8); positive whole numbers, increasing."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ConfigError("--batch-sizes is empty: give increasing batch sizes, e.g. 1,2,4,8")
+    sizes = []
+    for part in parts:
+        if not re.fullmatch(r"\d+", part):
+            raise ConfigError(f"--batch-sizes: cannot read {part!r}: give whole numbers such as 1,2,4,8")
+        sizes.append(int(part))
+    if any(size < 1 for size in sizes):
+        raise ConfigError(f"--batch-sizes must be positive, got {text}: e.g. 1,2,4,8")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ConfigError(f"--batch-sizes must increase, got {text}: e.g. 1,2,4,8")
+    return tuple(sizes)
 
 
 def build_methods(
@@ -188,6 +272,7 @@ class SweepConfig(RunConfig):
 @dataclass(frozen=True, kw_only=True)
 class PplConfig(RunConfig):
     kind: ClassVar[str] = "ppl"
+    out: Path = field(default=Path("ppl.json"), metadata=_CONTROL)
 
     tokens: int = 4096
     buckets: tuple[int, ...] = (4096,)  # bucket ends; the last == tokens
@@ -202,6 +287,8 @@ class PplConfig(RunConfig):
             raise ConfigError("--compile compiles single-token steps: use --chunk 1 with it")
         if self.books is not None and (self.book is not None or self.dataset not in (None, "pg19")):
             raise ConfigError("--books averages over PG-19 books: use it with --dataset pg19 and without --book")
+        if self.books is not None:
+            check_books(parse_books(self.books))
         buckets = list(self.buckets)
         if not buckets or buckets[-1] != self.tokens or any(b <= a for a, b in zip(buckets, buckets[1:])) or buckets[0] <= 0:
             raise ConfigError(f"buckets must increase and end at --tokens {self.tokens}, got {buckets}")
@@ -231,6 +318,7 @@ class PplConfig(RunConfig):
 @dataclass(frozen=True, kw_only=True)
 class NeedleConfig(RunConfig):
     kind: ClassVar[str] = "needle"
+    out: Path = field(default=Path("needle.json"), metadata=_CONTROL)
 
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)  # percent of the haystack
@@ -257,6 +345,7 @@ class NeedleConfig(RunConfig):
 @dataclass(frozen=True, kw_only=True)
 class BatchConfig(RunConfig):
     kind: ClassVar[str] = "batch"
+    out: Path = field(default=Path("batch.json"), metadata=_CONTROL)
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     length: int = 4096

@@ -2,14 +2,14 @@
 
     torchrun --nproc-per-node 2 -m kvstress sweep --model tiny-random --lengths 1k,2k --tp 2
 
-Every rank loads the model sharded by transformers' own TP plan (attention heads and MLP
-columns split over the ranks; `DistributedConfig(tp_size=N)`, which transformers 5.17 and
-5.24 both accept), gloo on CPU and NCCL on CUDA. Each rank's compressed cache then holds
-only its own KV heads (its buffers are sized from the keys the rank's layers produce), and
-since every per-head policy decides per KV head, a sharded run keeps exactly the tokens
-an unsharded one keeps (tests/test_distributed.py checks it).
+Every rank loads the model sharded by transformers' own TP plan (models.load_sharded:
+attention heads and MLP columns split over the ranks; `DistributedConfig(tp_size=N)`, which
+transformers 5.17 and 5.24 both accept), gloo on CPU and NCCL on CUDA. Each rank's
+compressed cache then holds only its own KV heads (its buffers are sized from the keys the
+rank's layers produce), and since every per-head policy decides per KV head, a sharded run
+keeps exactly the tokens an unsharded one keeps (tests/test_distributed.py checks it).
 
-What the ranks agree on, after every measured forward (`Ranks.forward`, one all-reduce):
+What the ranks agree on, after every measured forward (`Ranks.together`, one all-reduce):
 
     time     the step time is the slowest rank's (MAX of each rank's elapsed time)
     faults   an out-of-memory error (or the --max-memory budget) on any rank is raised on
@@ -22,11 +22,14 @@ What the ranks agree on, after every measured forward (`Ranks.forward`, one all-
              every rank's own figures
 
 Rank 0 alone writes the results file. The other ranks keep the records in memory (the
-schedules read them: what is done, where a method ended) through `RankWriter`, which
-writes nothing. Collectives time out (KVSTRESS_TP_TIMEOUT_S, default 600 s), and a rank
-that dies is named in the error the others raise, never a silent hang.
+schedules read them: what is done, where a method ended) through an in-memory writer
+(`ResultsWriter.in_memory`), which writes nothing. Collectives time out
+(KVSTRESS_TP_TIMEOUT_S, default 600 s), and a rank that dies is named in the error the
+others raise, never a silent hang.
 
-Nothing here is imported when --tp is 1.
+The ranks are started once per run (run.execute, or compare for its runs) and passed to
+whoever needs them: the model loading (models.load_model, which shards the model) and the
+harness. Nothing here is imported when --tp is 1.
 """
 
 from __future__ import annotations
@@ -34,19 +37,15 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import shutil
 import socket
-import tempfile
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import collectives
-from .config import ConfigError
-from .errors import KvstressError, first_line
+from .errors import ConfigError, KvstressError, RunInterrupted, first_line
 from .results import ResultsWriter
 
 TIMEOUT_ENV = "KVSTRESS_TP_TIMEOUT_S"
@@ -55,8 +54,6 @@ DEFAULT_TIMEOUT_S = 600.0
 MEMORY_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_nvml_used_bytes", "peak_rss_bytes",
                  "cache_bytes", "cache_allocated_bytes")
 _STORE_KEY = "kvstress/rank/{}"
-
-_current: Ranks | None = None
 
 
 class RankLost(KvstressError):
@@ -75,15 +72,9 @@ def launch_problem(tp: int) -> str | None:
     return None
 
 
-def current() -> Ranks | None:
-    return _current
-
-
 def start(tp: int, device: torch.device) -> Ranks:
-    """Join the process group (once per process: `compare` runs several runs in one)."""
-    global _current
-    if _current is not None:
-        return _current
+    """This process's rank: the process group joined (once per process; a later call, as from a
+    library caller of models.load_model, finds it joined)."""
     problem = launch_problem(tp)
     if problem:
         raise ConfigError(problem)
@@ -97,11 +88,10 @@ def start(tp: int, device: torch.device) -> Ranks:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if backend == "nccl" else None)
         atexit.register(_stop)
-    _current = Ranks(dist.get_rank(), dist.get_world_size(), device, backend, timeout_s)
-    _current.register()
-    _current.collectives = collectives.watch(dist.distributed_c10d._get_default_store(), _current.rank,
-                                             _current.world, timeout_s)
-    return _current
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), device, backend, timeout_s)
+    ranks.register()
+    ranks.collectives = collectives.watch(ranks.store(), ranks.rank, ranks.world, timeout_s)
+    return ranks
 
 
 def _alive(pid: int) -> bool:
@@ -124,22 +114,6 @@ def _alive(pid: int) -> bool:
 def _stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-class RankWriter(ResultsWriter):
-    """A rank other than 0's results writer: records and events kept in memory (the schedules
-    read them back), samples dropped, no file written."""
-
-    def __init__(self, records: list[dict], events: list[dict]) -> None:
-        self.path = None
-        self._doc = {"records": list(records), "events": list(events), "complete": False}
-        self._samples = []
-
-    def add_samples(self, samples: list[dict]) -> None:
-        pass
-
-    def _save(self) -> None:
-        pass
 
 
 class Ranks:
@@ -178,11 +152,15 @@ class Ranks:
     def barrier(self, what: str = "barrier") -> None:
         self._collective(what, dist.barrier)
 
+    @staticmethod
+    def store():
+        """The process group's rendezvous store (torch keeps no public name for the default one)."""
+        return dist.distributed_c10d._get_default_store()
+
     def register(self) -> None:
         """Say in the rendezvous store who this rank is, so that the others can name it if it dies."""
         try:
-            dist.distributed_c10d._get_default_store().set(_STORE_KEY.format(self.rank),
-                                                           f"{socket.gethostname()}:{os.getpid()}")
+            self.store().set(_STORE_KEY.format(self.rank), f"{socket.gethostname()}:{os.getpid()}")
         except Exception:
             pass  # naming a dead rank is a courtesy; the run does not depend on it
 
@@ -190,7 +168,7 @@ class Ranks:
         """The ranks on this host whose process is gone, as "rank N (pid P)"."""
         dead = []
         try:
-            store = dist.distributed_c10d._get_default_store()
+            store = self.store()
             store.set_timeout(timedelta(seconds=2))
         except Exception:
             return dead
@@ -231,7 +209,7 @@ class Ranks:
             payload = self.broadcast(None, "opening the results file")
             if payload[0] == "error":
                 raise payload[1](payload[2])
-            writer = RankWriter(payload[1], payload[2])
+            writer = ResultsWriter.in_memory(payload[1], payload[2])
         where = self.gather({"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
                              "device": str(self.device)}, "starting")
         writer.add_event({"type": "distributed", "world_size": self.world, "backend": self.backend,
@@ -239,14 +217,6 @@ class Ranks:
                           "message": "timing: the slowest rank's; memory in records: summed over ranks "
                                      "(each rank's own in the \"ranks\" events); samples: rank 0's"})
         return writer
-
-    def forward(self, stream, ids: torch.Tensor, phase: str, **options) -> tuple[torch.Tensor, float]:
-        """Stream.forward on every rank: the slowest rank's time; a fault on one rank is everyone's."""
-        logits, elapsed, slowest = self.together(
-            f"a forward of {stream.spec.name}", lambda: stream._forward(ids, phase, **options),
-            lambda: f"stopped by the user at {stream.position} tokens of {stream.spec.name}")
-        stream.build_s += slowest - elapsed
-        return logits, slowest
 
     def together(self, what: str, function, stopped: Callable[[], str] = lambda: "stopped by the user"):
         """`function()` → (result, seconds) on every rank at once: (result, seconds, the slowest rank's).
@@ -258,8 +228,6 @@ class Ranks:
         rank the same way, at once (the failed rank raises it, the others name it), rather
         than after the collective timeout. Ctrl-C or SIGTERM on any rank stops every rank here
         (with the highest signal number asked for on any: SIGTERM over SIGINT)."""
-        from .stream import RunInterrupted
-
         interrupted: RunInterrupted | None = None
         oom_message: str | None = None
         failure: Exception | None = None
@@ -273,8 +241,7 @@ class Ranks:
             except RunInterrupted as error:
                 interrupted = error
             except Exception as error:
-                text = str(error).lower()
-                if isinstance(error, dist.DistError) or "gloo" in text or "nccl" in text:
+                if isinstance(error, dist.DistError) or collectives.failed_collective(error):
                     raise self.lost(what, error) from error  # the collectives themselves are gone
                 failure = error
             if oom_message is not None or failure is not None:
@@ -321,81 +288,3 @@ class Ranks:
             local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
             total += local.numel() * local.element_size()
         return total
-
-
-# -- loading a model sharded --------------------------------------------------------------
-
-
-def load_sharded(name: str, device: torch.device, dtype: str, seed: int, tp: int):
-    """`name` loaded with transformers' TP plan over the `tp` ranks (models.load_model with --tp).
-
-    Random weights are built once per host (on the host's first rank, seeded on the CPU so
-    that every host and a --tp 1 run on CPU build the same ones), saved to a temporary
-    folder, and loaded through the TP path like any checkpoint.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.distributed import DistributedConfig
-
-    from . import models
-
-    ranks = _current
-    if ranks is None or ranks.world != tp:
-        raise ConfigError(launch_problem(tp) or f"--tp {tp}: the process group is not started")
-    local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    random = name == models.TINY_RANDOM or name.startswith(models.RANDOM_PREFIX)
-    if dtype == "auto" and name == models.TINY_RANDOM:
-        dtype = "float32"
-    torch_dtype = models.resolve_dtype(dtype, device)
-    temporary = None
-    offline_reason = None
-    if random:
-        config, what = models._random_config(name)
-        _require_divisible(name, config, tp)
-        temporary = ranks.broadcast(tempfile.mkdtemp(prefix="kvstress-tp-") if ranks.rank == 0 else None,
-                                    "loading the model")
-        location = temporary
-        if local_first:
-            Path(temporary).mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-            model.save_pretrained(temporary)
-            del model
-        source = f"{what}, random weights, seed {seed} (built on CPU)"
-        tokenizer = models.ByteTokenizer()
-    elif name == models.BUNDLED:
-        if local_first:
-            models._converted_bundled_model()  # converted once per host, before the others read it
-        ranks.barrier("converting the bundled model")
-        location, _ = models._converted_bundled_model()
-        source = f"bundled {models.BUNDLED_GGUF}, dequantized to float32 (cached at {location})"
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    else:
-        location, offline_reason = models._locate(name)
-        with models._load_errors(name, offline_reason):
-            config = AutoConfig.from_pretrained(location, local_files_only=offline_reason is not None)
-            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline_reason is not None)
-        models._require_causal_lm(name, config)
-        _require_divisible(name, config, tp)
-        source = f"local folder {Path(location).resolve()}" if Path(location).is_dir() else f"HF hub id {name}"
-    ranks.barrier("loading the model")
-    try:
-        with models._load_errors(name, offline_reason):
-            model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=torch_dtype, attn_implementation="sdpa",
-                distributed_config=DistributedConfig(tp_size=tp), local_files_only=offline_reason is not None)
-    finally:
-        if temporary is not None:
-            ranks.barrier("loading the model")
-            if local_first:
-                shutil.rmtree(temporary, ignore_errors=True)
-    source += f"; sharded over {tp} ranks by transformers' tensor-parallel plan ({ranks.backend})"
-    return models._finish(model, tokenizer, name, source, not random)
-
-
-def _require_divisible(name: str, config, tp: int) -> None:
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    if heads % tp or kv_heads % tp:
-        raise ConfigError(f"{name} has {heads} attention heads and {kv_heads} KV heads: --tp {tp} must divide "
-                          f"both (each rank holds whole heads); use a --tp that divides {kv_heads}")

@@ -7,7 +7,7 @@ the same schedule and stream core as an in-process run, and writes as it goes
 (atomically, like every results file). The parent merges what the child added and,
 if the child died, records the point it was heading for as an "error" with the cause.
 
-Ctrl-C and SIGTERM reach the child too: the parent passes each one on (stream.StopRequest;
+Ctrl-C and SIGTERM reach the child too: the parent passes each one on (control.StopRequest;
 the child counts a copy of one it got itself, from a process-group signal, as one), the
 child stops after its forward and exits 128 + the signal, and the parent merges what it
 measured and stops the run. A child ended by either signal is interrupted, not crashed.
@@ -22,9 +22,11 @@ import signal
 import sys
 from pathlib import Path
 
+from .control import STOP_SIGNALS, Progress, StopRequest, stop_on_interrupt
+from .errors import RunInterrupted
+from .events import record_model
 from .results import RECORD_FIELDS, ResultsWriter, load_results
 from .spec import MethodSpec, parse_spec
-from .stream import STOP_SIGNALS, Progress, RunInterrupted, StopRequest
 
 # Fault injection for tests: "METHOD:TOKENS" makes the child for METHOD kill itself
 # with SIGSEGV once it has fed TOKENS tokens.
@@ -45,8 +47,7 @@ class _CrashInjector(Progress):
 
 def _child(schedule_type: type, config_json: dict, part: str, method: str) -> None:
     from . import models
-    from .run import record_model
-    from .stream import Harness, stop_on_interrupt
+    from .stream import Harness
 
     with stop_on_interrupt(at_once=True) as stop:  # a signal during start-up stops the child at once
         try:

@@ -46,8 +46,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .errors import KvstressError, first_line
-from .memory import format_bytes
+from .errors import ConfigError, KvstressError, first_line
+from .sizes import format_bytes
 
 BUNDLED = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
@@ -282,14 +282,18 @@ def load_tokenizer(name: str):
         )
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int = 0, tp: int = 1) -> LoadedModel:
+def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int = 0, tp: int = 1,
+               ranks=None) -> LoadedModel:
     """Load model `name` (see describe_model_names) in eval mode on `device`; with tp > 1,
-    this rank's shard of it under torchrun (distributed.load_sharded)."""
+    this rank's shard of it under torchrun (load_sharded). `ranks`: the run's
+    distributed.Ranks (started here when a caller gives none)."""
     torch_device = resolve_device(device)
     if tp > 1:
-        from .distributed import load_sharded
+        if ranks is None:
+            from .distributed import start
 
-        return load_sharded(name, torch_device, dtype, seed, tp)
+            ranks = start(tp, torch_device)
+        return load_sharded(name, torch_device, dtype, seed, ranks)
     if name == TINY_RANDOM and dtype == "auto":
         dtype = "float32"  # a test model: exactness checks want float32 on any device
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -411,9 +415,12 @@ def _require_causal_lm(name: str, config: PretrainedConfig) -> None:
 
 
 def _require_fits(
-    name: str, config: PretrainedConfig, device: torch.device, dtype: torch.dtype
+    name: str, config: PretrainedConfig, device: torch.device, dtype: torch.dtype, shards: int = 1
 ) -> None:
     """Refuses a model whose weights alone exceed the memory free on `device`, before loading.
+
+    shards: --tp, the ranks the weights are split over; each needs its share on its own
+    device, and on CPU the ranks of one host share its memory (LOCAL_WORLD_SIZE of them).
 
     Loading it anyway ends in an out-of-memory error halfway through, or on CPU in the OS
     killing the process without a word. The KV cache and activations come on top: passing
@@ -423,6 +430,9 @@ def _require_fits(
         return  # quantized weights are not parameters × dtype size: no estimate
     free = _free_memory(device)
     needed = _weight_bytes(config, dtype)
+    if shards > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", shards)) if device.type == "cpu" else 1
+        needed = -(-needed // shards) * min(local, shards)
     if free is None or needed <= free:
         return
     dtype_name = str(dtype).removeprefix("torch.")
@@ -654,3 +664,93 @@ def _converted_bundled_model() -> tuple[Path, bool]:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target, True
+
+
+# -- loading a model sharded --------------------------------------------------------------
+
+
+def load_sharded(name: str, device: torch.device, dtype: str, seed: int, ranks) -> LoadedModel:
+    """`name` loaded with transformers' TP plan over the ranks (`ranks`: distributed.Ranks;
+    load_model with --tp), after the same checks as a load in one process: its weights must
+    fit, each rank's share on its device (on CPU, the host's ranks' shares in its memory).
+
+    Random weights are built once per host (on the host's first rank, seeded on the CPU so
+    that every host and a --tp 1 run on CPU build the same ones), saved to a temporary
+    folder, and loaded through the TP path like any checkpoint.
+    """
+    from transformers.distributed import DistributedConfig
+
+    tp = ranks.world
+    local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    random = name == TINY_RANDOM or name.startswith(RANDOM_PREFIX)
+    if dtype == "auto" and name == TINY_RANDOM:
+        dtype = "float32"
+    torch_dtype = resolve_dtype(dtype, device)
+    temporary = None
+    offline_reason = None
+    if random:
+        config, what = _random_config(name)
+        _require_divisible(name, config, tp)
+        _require_fits_sharded(name, config, device, torch_dtype, ranks)
+        temporary = ranks.broadcast(tempfile.mkdtemp(prefix="kvstress-tp-") if ranks.rank == 0 else None,
+                                    "loading the model")
+        location = temporary
+        if local_first:
+            Path(temporary).mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+            model.save_pretrained(temporary)
+            del model
+        source = f"{what}, random weights, seed {seed} (built on CPU)"
+        tokenizer = ByteTokenizer()
+    elif name == BUNDLED:
+        if local_first:
+            _converted_bundled_model()  # converted once per host, before the others read it
+        ranks.barrier("converting the bundled model")
+        location, _ = _converted_bundled_model()
+        _require_fits_sharded(name, AutoConfig.from_pretrained(location), device, torch_dtype, ranks)
+        source = f"bundled {BUNDLED_GGUF}, dequantized to float32 (cached at {location})"
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    else:
+        location, offline_reason = _locate(name)
+        with _load_errors(name, offline_reason):
+            config = AutoConfig.from_pretrained(location, local_files_only=offline_reason is not None)
+            tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline_reason is not None)
+        _require_causal_lm(name, config)
+        _require_divisible(name, config, tp)
+        _require_fits_sharded(name, config, device, torch_dtype, ranks)
+        source = f"local folder {Path(location).resolve()}" if Path(location).is_dir() else f"HF hub id {name}"
+    ranks.barrier("loading the model")
+    try:
+        with _load_errors(name, offline_reason):
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=torch_dtype, attn_implementation="sdpa",
+                distributed_config=DistributedConfig(tp_size=tp), local_files_only=offline_reason is not None)
+    finally:
+        if temporary is not None:
+            ranks.barrier("loading the model")
+            if local_first:
+                shutil.rmtree(temporary, ignore_errors=True)
+    source += f"; sharded over {tp} ranks by transformers' tensor-parallel plan ({ranks.backend})"
+    return _finish(model, tokenizer, name, source, not random)
+
+
+def _require_divisible(name: str, config, tp: int) -> None:
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % tp or kv_heads % tp:
+        raise ConfigError(f"{name} has {heads} attention heads and {kv_heads} KV heads: --tp {tp} must divide "
+                          f"both (each rank holds whole heads); use a --tp that divides {kv_heads}")
+
+
+def _require_fits_sharded(name: str, config, device: torch.device, dtype: torch.dtype, ranks) -> None:
+    """_require_fits for each rank's share, agreed: a model one rank cannot hold is refused on every rank."""
+    try:
+        _require_fits(name, config, device, dtype, shards=ranks.world)
+        problem = None
+    except ModelLoadError as error:
+        problem = str(error)
+    refusals = [said for said in ranks.gather(problem, "checking that the model fits") if said]
+    if refusals:
+        raise ModelLoadError(refusals[0])

@@ -44,12 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, NeedleConfig
+from .config import ConfigError, NeedleConfig, parse_depths  # noqa: F401 - parse_depths: read from here too
+from .events import CELL_EVENT, mean_accuracy, needle_cells
 from .run import Schedule
 from .spec import MethodSpec
 from .stream import Harness, Stream
 
-CELL_EVENT = "needle_cell"
 NEEDLE = "\nThe magic number is {number}.\n"
 QUESTION = "\n\nWhat is the magic number? The magic number is"
 CHAT_QUESTION = "What is the magic number mentioned in the text above?"
@@ -62,26 +62,6 @@ _BOUNDARY_ENDS = (".", "!", "?", "\n")
 
 
 # --- options --------------------------------------------------------------------------
-
-
-def parse_depths(text: str) -> tuple[float, ...]:
-    """`0,25,50,75,100` (percent of the haystack) → (0.0, 25.0, 50.0, 75.0, 100.0)."""
-    depths: list[float] = []
-    for part in text.split(","):
-        part = part.strip().rstrip("%").strip()
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise ConfigError(f"cannot read depth {part!r}: write percentages like 0,25,50,75,100") from None
-        if not 0 <= value <= 100:
-            raise ConfigError(f"depth {part} is outside 0..100: depths are percent of the haystack")
-        if value not in depths:
-            depths.append(value)
-    if not depths:
-        raise ConfigError("--depths is empty: give percentages like 0,25,50,75,100")
-    return tuple(sorted(depths))
 
 
 # --- prompts ----------------------------------------------------------------------------
@@ -404,28 +384,6 @@ def _token_id(tokenizer, token: str) -> int | None:
     token_id = convert(token)
     unk = getattr(tokenizer, "unk_token_id", None)
     return token_id if isinstance(token_id, int) and token_id != unk else None
-
-
-# --- reading results --------------------------------------------------------------------
-
-
-def needle_cells(doc: dict) -> list[dict]:
-    """The cells of a needle results dict, the last one per (method, length, depth)."""
-    latest: dict[tuple, dict] = {}
-    for event in doc["events"]:
-        if isinstance(event, dict) and event.get("type") == CELL_EVENT:
-            try:
-                key = (str(event["method"]), int(event["length"]), float(event["depth"]))
-            except (KeyError, TypeError, ValueError):
-                continue
-            latest[key] = event
-    return list(latest.values())
-
-
-def mean_accuracy(cells: Sequence[dict]) -> float | None:
-    """Mean accuracy over the cells that ran (OOM cells have none)."""
-    values = [c["accuracy"] for c in cells if c.get("status") == "ok" and c.get("accuracy") is not None]
-    return statistics.fmean(values) if values else None
 
 
 __all__ = [

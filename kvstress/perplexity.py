@@ -66,8 +66,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, PplConfig, parse_length
-from .report import BOOKS_EVENT, OVERALL_EVENT, overall_events
+from .config import ConfigError, PplConfig, parse_buckets  # noqa: F401 - parse_buckets: read from here too
+from .events import BOOK_EVENT, BOOKS_EVENT, OVERALL_EVENT, overall_records
 from .run import Schedule, execute
 from .spec import MethodSpec, parse_spec
 from .stream import AttentionTimer, Harness
@@ -77,39 +77,6 @@ DEFAULT_TOKENS = 4096
 # The seed experiment's six configurations (docs/seed-experiment.md).
 COMPARE_METHODS = ("baseline", "streaming_8_256", "streaming_8_512", "h2o_4_32_256", "h2o_8_32_256", "h2o_8_64_512")
 COMPARE_DATASETS = ("pg19", "wikitext")
-# --books: each book's scores as it finishes, then the spread across books per method (BOOKS_EVENT).
-BOOK_EVENT = "ppl_book"
-
-
-def parse_buckets(text: str | None, tokens: int) -> tuple[tuple[int, ...], str | None]:
-    """Bucket end points, increasing, the last one == tokens; and a note when edges were dropped.
-
-    None gives 1k, 2k, 4k, ... below `tokens`, then `tokens`. Edges at or past `tokens`
-    are dropped (the last bucket always ends at `tokens`), with a note saying so.
-    """
-    if text is None:
-        edges, edge = [], 1024
-        while edge < tokens:
-            edges.append(edge)
-            edge *= 2
-        return tuple(edges) + (tokens,), None
-    edges = [parse_length(part) for part in text.split(",") if part.strip()]
-    if not edges:
-        raise ConfigError("--buckets is empty: give increasing token counts, e.g. 1k,2k,4k")
-    if any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ConfigError(f"--buckets must increase, got {text}: e.g. 1k,2k,4k")
-    kept = [edge for edge in edges if edge < tokens]
-    dropped = [edge for edge in edges if edge > tokens]
-    note = None
-    if dropped:
-        note = (f"bucket edge(s) {', '.join(map(str, dropped))} lie past --tokens {tokens}: "
-                f"the last bucket ends at {tokens}")
-    return tuple(kept) + (tokens,), note
-
-
-def overall_records(events: list[dict]) -> set[str]:
-    """Methods whose overall record a ppl results file holds."""
-    return {event["method"] for event in overall_events(events)}
 
 
 class PplSchedule(Schedule):

@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from kvstress.events import dataset_name, needle_cells, pooled_books, split_ppl_records
 from kvstress.results import ResultsError, load_results
 
 SUFFIXES = (".png", ".pdf", ".svg")
@@ -282,8 +283,6 @@ def build_ppl_figure(docs: Sequence[dict], sources: Sequence[str] | None = None)
     docs are loaded results dicts of kind "ppl"; each bucket's point sits at the
     bucket's end. The overall records (scope "overall", see perplexity.py) are left out.
     """
-    from kvstress.report import dataset_name, pooled_books, split_ppl_records
-
     sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(docs))]
     bucket_docs = []
     for doc, source in zip(docs, sources):
@@ -421,8 +420,6 @@ def build_needle_figure(docs: Sequence[dict], sources: Sequence[str] | None = No
     that was not run is grey with a dash.
     """
     import numpy as np
-
-    from kvstress.needle import needle_cells
 
     sources = list(sources) if sources is not None else [f"run {i + 1}" for i in range(len(docs))]
     panels: list[tuple[str, dict, dict]] = []  # (title, cells by (length, depth), oom lengths)

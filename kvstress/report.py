@@ -38,13 +38,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .events import (
+    BOOKS_EVENT,
+    OVERALL_EVENT,
+    book_spreads,
+    dataset_name,
+    mean_accuracy,
+    needle_cells,
+    overall_events,
+    pooled_books,
+    ppl_scopes,
+    split_ppl_records,
+    spread_notes,
+)
 from .results import ResultsError, load_results, validate_record
 
 FORMATS = ("markdown", "csv", "json")
-# The event that marks a ppl file's overall record (see perplexity.py).
-OVERALL_EVENT = "ppl_overall"
-# --books: the event with the spread of the books' perplexities per method (see perplexity.py).
-BOOKS_EVENT = "ppl_books"
 DATASET_COLUMNS = {"wikitext": "Wikitext PPL", "pg19": "PG-19 PPL"}
 TIME_COLUMNS = ("Total Time (s)", "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)", "Peak Mem (GB)")
 # Column → digits after the point, as in the seed table.
@@ -80,62 +89,6 @@ def _load(path: Path) -> dict:
     return doc
 
 
-def overall_events(events: list) -> list[dict]:
-    """A ppl results file's "ppl_overall" events: each points at a method's overall record by index."""
-    return [event for event in events if isinstance(event, dict) and event.get("type") == OVERALL_EVENT]
-
-
-def ppl_scopes(doc: dict, path: Path | str = "results") -> list[str | None]:
-    """Each record's scope in a ppl results dict ("bucket", "overall", or None for a failed record).
-
-    A record's own "scope" field says it. A file written before that field has none: there the
-    records a "ppl_overall" event points at (by index) are "overall" and the other ok ones "bucket".
-    """
-    records = doc["records"]
-    marked: set[int] = set()
-    for event in overall_events(doc["events"]):
-        index = event.get("record")
-        if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(records)
-                or records[index]["method"] != event.get("method")):
-            raise ResultsError(f"{path} is damaged: a {OVERALL_EVENT} event points at no matching record; rerun it")
-        marked.add(index)
-    return [record.get("scope") or ("overall" if i in marked else "bucket" if record.get("status") == "ok" else None)
-            for i, record in enumerate(records)]
-
-
-def split_ppl_records(doc: dict, path: Path | str = "results") -> tuple[list[dict], dict[str, dict]]:
-    """(bucket and oom records, overall record per method) of a ppl results dict, told apart by
-    their scope (ppl_scopes; filled in where an older file lacks it). An overall record gets its
-    method's total forward time, "total_s", from its "ppl_overall" event.
-    """
-    total_s = {event.get("method"): event.get("total_s") for event in overall_events(doc["events"])}
-    others: list[dict] = []
-    overall: dict[str, dict] = {}
-    for record, scope in zip(doc["records"], ppl_scopes(doc, path)):
-        if scope == "overall":
-            overall[record["method"]] = {**record, "scope": scope, "total_s": total_s.get(record["method"])}
-        else:
-            others.append({**record, "scope": scope})
-    return others, overall
-
-
-def book_spreads(doc: dict) -> dict[str, dict]:
-    """--books: each method's last "ppl_books" event (the spread of the books' own perplexities;
-    see perplexity.py), when it scored several books."""
-    return {event["method"]: event for event in doc["events"]
-            if isinstance(event, dict) and event.get("type") == BOOKS_EVENT and len(event.get("books") or ()) > 1}
-
-
-def pooled_books(doc: dict) -> int:
-    """How many books a ppl file's records pool (--books): 1 for a file of one text."""
-    if doc["config"].get("books") is None:
-        return 1
-    for event in reversed(doc["events"]):
-        if isinstance(event, dict) and event.get("type") == "dataset" and isinstance(event.get("books"), list):
-            return max(len(event["books"]), 1)
-    return max((len(e["books"]) for e in book_spreads(doc).values()), default=1)
-
-
 def pooled_column(dataset: str | None, books: int) -> str:
     """The perplexity column of a ppl file: ppl_column, or for several books the pooled figure's."""
     base = ppl_column(dataset)
@@ -145,23 +98,6 @@ def pooled_column(dataset: str | None, books: int) -> str:
 def spread_column(dataset: str | None, books: int) -> str:
     """Several books: the column of the mean of the books' own perplexities ± their sample SD."""
     return f"{ppl_column(dataset).removesuffix(' PPL')} mean of {books} books' PPL ± SD"
-
-
-def spread_notes(books: int | str, pooled: str = "pooled PPL", spread: str | None = None) -> tuple[str, str]:
-    """What the two perplexities of a --books run are, one line each, for a caption or the notes."""
-    spread = spread or f"mean of {books} books' PPL ± SD"
-    return (f"{pooled}: exp of the mean NLL over every scored token of the {books} books together",
-            f"{spread}: the mean of each book's own perplexity ± their sample standard deviation (n − 1), "
-            "each book one sample")
-
-
-def dataset_name(doc: dict) -> str | None:
-    """The text a results file scored: its last "dataset" event, else its config's dataset."""
-    for event in reversed(doc["events"]):
-        if isinstance(event, dict) and event.get("type") == "dataset" and isinstance(event.get("name"), str):
-            return event["name"]
-    name = doc["config"].get("dataset")
-    return name if isinstance(name, str) else None
 
 
 def ppl_column(dataset: str | None) -> str:
@@ -315,8 +251,6 @@ def _spread_value(event: dict | None) -> dict | None:
 
 def _add_needle(doc: dict, path: Path, row, notes: list[str], device: str | None) -> None:
     """Mean retrieval accuracy per method of a needle file; a method with no cell that ran shows OOM."""
-    from .needle import mean_accuracy, needle_cells
-
     cells = needle_cells(doc)
     ran = [c for c in cells if c.get("status") == "ok"]
     if ran:

@@ -32,8 +32,6 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from .errors import KvstressError
 
 FORMAT = "kvstress-results"
@@ -85,6 +83,13 @@ UNITS = {**RECORD_UNITS, **SAMPLE_UNITS}
 # timing_unstable: the spread or the machine's load says a timing ratio may be noise (stream.py).
 RECORD_FIELDS = ("method", "length", "status", *list(RECORD_UNITS)[1:], "scope", "timing_unstable", "error")
 _BOOLEAN_FIELDS = {"timing_unstable"}
+# A point's timing is unstable when its slow steps (p90) take this much longer than the
+# median, or when other work wanted more than this share of the cores (the 1-minute load
+# average less the threads this run keeps busy, per core): then a ratio between methods
+# may be noise. Our own threads are subtracted: torch on a quiet 2-core CPU alone keeps
+# the load near 2.
+UNSTABLE_SPREAD = 1.3
+UNSTABLE_LOAD = 0.5
 SAMPLE_FIELDS = ("method", "step", "tokens_seen", "phase", *list(SAMPLE_UNITS)[2:])
 # Counts and byte sizes are whole numbers; the rest are measurements.
 _INTEGER_FIELDS = {
@@ -258,6 +263,7 @@ class ResultsWriter:
             "events": [],
         }
         self._samples: list[str] = []
+        self._in_memory = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -303,6 +309,7 @@ class ResultsWriter:
         writer.path = Path(path)
         writer._samples = [_encode_sample(sample) for sample in doc.pop("samples")]
         writer._doc = doc
+        writer._in_memory = False
         # Records were validated when written; a file edited by hand is checked again.
         try:
             doc["records"] = [validate_record(record) for record in doc["records"]]
@@ -313,6 +320,17 @@ class ResultsWriter:
         if environment is not None:
             event["environment"] = _jsonable(environment, "the environment")
         writer.add_event(event)
+        return writer
+
+    @classmethod
+    def in_memory(cls, records: list[dict], events: list[dict]) -> ResultsWriter:
+        """A writer that writes no file: records and events kept in memory (to be read back),
+        samples dropped. A --tp rank other than 0 writes through one (rank 0 writes the file)."""
+        writer = cls.__new__(cls)
+        writer.path = None
+        writer._doc = {"records": list(records), "events": list(events), "complete": False}
+        writer._samples = []
+        writer._in_memory = True
         return writer
 
     @property
@@ -347,6 +365,8 @@ class ResultsWriter:
 
     def add_samples(self, samples: list[dict]) -> None:
         """Validate and append a batch of memory samples, then write once."""
+        if self._in_memory:
+            return
         encoded = [_encode_sample(validate_sample(sample)) for sample in samples]
         self._samples.extend(encoded)
         self._save()
@@ -369,6 +389,8 @@ class ResultsWriter:
         self._save()
 
     def _save(self) -> None:
+        if self._in_memory:
+            return
         self._doc["updated"] = _now()
         text = _encode(self._doc, self._samples)
         try:
@@ -488,11 +510,14 @@ def _git_state() -> tuple[str | None, bool | None, str | None]:
     return commit, dirty, None
 
 
-def environment(device: torch.device | str | None = None) -> dict:
+def environment(device=None) -> dict:
     """Where and with what a run was measured: versions, host, device, driver, commit.
 
     Every value that cannot be found is null, with the reason under "unavailable".
+    `device`: a torch.device or its name (torch is imported here only: reading results needs none).
     """
+    import torch
+
     device = torch.device(device) if device is not None else None
     unavailable: dict[str, str] = {}
     cuda = device is not None and device.type == "cuda"

@@ -9,7 +9,7 @@
          or with --isolate in a child process (isolate.py)
       4. Ctrl-C or SIGTERM: everything measured is kept and RunInterrupted says how to resume
          (and which signal asked: the command exits with 130 or 143); during start-up a signal
-         stops at once, while measuring after the current forward (stream.StopRequest), and
+         stops at once, while measuring after the current forward (control.StopRequest), and
          with --isolate it is passed on to the child; a run that fails before it measured
          anything leaves no file behind
 
@@ -19,16 +19,16 @@ text it needs, what it prepares from it, and what one method's measurement is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
+from .control import Progress, stop_on_interrupt
+from .errors import RunInterrupted
+from .events import Notify, record_model, record_text, record_unavailable_measures
 from .results import ResultsError, ResultsWriter, environment
 from .spec import MethodSpec
-from .stream import Harness, Progress, RunInterrupted, stop_on_interrupt
-
-Notify = Callable[[str], None]
+from .stream import Harness
 
 
 class Schedule:
@@ -97,7 +97,8 @@ def open_results(config: RunConfig, device, notify: Notify = lambda message: Non
 
 def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None, text=None) -> RunResult:
     """Carry out the run (see the module's docstring); `loaded` (models.LoadedModel) and
-    `text` (texts.TextSource) let `compare` load them once for several runs."""
+    `text` (texts.TextSource) let `compare` load them once for several runs. With --tp the
+    ranks are started here, once, and handed to the model loading and the harness."""
     from . import models
 
     config, notify = schedule.config, schedule.notify
@@ -124,7 +125,7 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
                 if not config.isolate:
                     loaded = loaded if loaded is not None else models.load_model(
                         config.model, device=str(device) if ranks else config.device, dtype=config.dtype,
-                        seed=config.seed, tp=config.tp)
+                        seed=config.seed, tp=config.tp, ranks=ranks)
                     record_model(loaded, writer, notify, schedule.random_weights_note)
             with stop.deferred():
                 if config.isolate:
@@ -139,7 +140,7 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
                             report_failures(writer.records[written:], notify)
                 else:
                     harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
-                                      stop_requested=stop)
+                                      stop_requested=stop, ranks=ranks)
                     record_unavailable_measures(harness, writer)
                     for spec in config.methods:
                         if not schedule.is_done(spec, writer):
@@ -158,31 +159,6 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
         raise
     writer.finish()
     return RunResult(writer.records, writer.events, text)
-
-
-def record_text(text, writer: ResultsWriter, notify: Notify) -> None:
-    notify(f"text: {text.description}")
-    writer.add_event({"type": "dataset", "name": text.name, "message": text.description,
-                      **({"books": text.books} if getattr(text, "books", None) else {})})
-    if text.fallback_note:
-        notify(f"note: {text.fallback_note}")
-        writer.add_event({"type": "fallback", "message": text.fallback_note})
-
-
-def record_model(loaded, writer: ResultsWriter, notify: Notify, random_weights_note: str) -> None:
-    notify(f"model: {loaded.name} — {loaded.source}")
-    writer.add_event({"type": "model", "name": loaded.name, "pretrained": loaded.pretrained, "message": loaded.source})
-    if not loaded.pretrained:
-        notify(f"note: {random_weights_note}")
-
-
-def record_unavailable_measures(harness: Harness, writer: ResultsWriter) -> None:
-    """Why a memory measure is null in the samples (no CUDA device, no NVML device for it, a MIG
-    slice, NVML failing mid-run), as a "memory_measures" event whenever the reasons change."""
-    reasons = harness.sampler.unavailable
-    recorded = [e["unavailable"] for e in writer.events if e["type"] == "memory_measures"]
-    if reasons and (not recorded or recorded[-1] != reasons):
-        writer.add_event({"type": "memory_measures", "unavailable": reasons})
 
 
 def report_failures(records: list[dict], notify: Notify) -> None:

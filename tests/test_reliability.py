@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import kvstress.stream as stream_module
+from kvstress import control
 from kvstress.batch import BatchSchedule
 from kvstress.cli import app
 from kvstress.config import BatchConfig, NeedleConfig, PplConfig, SweepConfig, build_methods
@@ -249,8 +250,7 @@ def test_malformed_results_files(tmp_path, command, content, message):
 def test_ctrl_c_twice_stops_now_but_two_signals_within_a_second_are_one(monkeypatch):
     """torchrun passes the terminal's Ctrl-C on to ranks that got it already: that pair must
     stop after the step like one Ctrl-C; a second Ctrl-C later stops at once."""
-    monkeypatch.setattr(stream_module, "_SAME_CTRL_C_S", 0.3)
-    with stream_module.stop_on_interrupt() as requested:
+    with control.stop_on_interrupt(same_within_s=0.3) as requested:
         assert not requested()
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # torchrun's copy of the same Ctrl-C

@@ -25,8 +25,9 @@ import pytest
 from typer.testing import CliRunner
 
 import kvstress.models as models_module
-import kvstress.stream as stream_module
+from kvstress import control
 from kvstress.cli import app
+from kvstress.errors import StopNow
 
 runner = CliRunner()
 METHODS = ["-m", "baseline", "-m", "streaming_4_48", "-m", "h2o_4_6_48"]
@@ -230,15 +231,14 @@ def test_sigterm_while_the_model_loads_exits_143_in_one_line(tmp_path, texts, mo
 def test_sigterm_asks_like_ctrl_c_and_wins_over_it(monkeypatch):
     """One request whichever signal asks: SIGTERM's number is kept (exit 143) once it came;
     a second signal more than a second later stops at once; both handlers are put back."""
-    monkeypatch.setattr(stream_module, "_SAME_CTRL_C_S", 0.3)
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with stream_module.stop_on_interrupt() as stop:
+    with control.stop_on_interrupt(same_within_s=0.3) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)  # the same stop: within the second
         time.sleep(0.05)
         assert stop() and stop.signum == signal.SIGTERM
         time.sleep(0.4)
-        with pytest.raises(stream_module.StopNow) as now:
+        with pytest.raises(StopNow) as now:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
         assert now.value.exit_code == 143

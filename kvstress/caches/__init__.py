@@ -1,7 +1,7 @@
 """KV-cache policies as transformers caches: `make_cache("h2o_4_32_256", model)`.
 
-One file per policy, each ending in its `POLICY` declaration (see kvstress.spec);
-registering it below is what makes it a method of every command.
+One file per policy's cache; the policies themselves are declared, torch-free, in
+kvstress/policies.py (see kvstress.spec), each naming its cache here.
 """
 
 from __future__ import annotations
@@ -10,19 +10,20 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from ..spec import MethodSpec, as_spec, register_policy
-from . import baseline, h2o, knorm, quantized, random_eviction, streaming, tova
+from ..spec import MethodSpec, as_spec
 from .base import POSITION_MODES, CompressedCache
+from .baseline import full_cache
 from .h2o import H2OCache
 from .hooks import UnsupportedModelError, attach
 from .knorm import KeyNormCache
+from .quantized import quantized_cache
 from .random_eviction import RandomCache
 from .streaming import StreamingCache
 from .tova import PerHeadTOVACache, TOVACache
 
-for _policy in (baseline.POLICY, streaming.POLICY, h2o.POLICY, tova.POLICY, tova.PER_HEAD_POLICY, knorm.POLICY,
-                random_eviction.POLICY, quantized.POLICY):
-    register_policy(_policy)
+# The cache of each built-in policy (declared, torch-free, in kvstress/policies.py), by name.
+IMPLEMENTATIONS = {"baseline": full_cache, "streaming": StreamingCache, "h2o": H2OCache, "tova": TOVACache,
+                   "tovahead": PerHeadTOVACache, "knorm": KeyNormCache, "random": RandomCache, "quant": quantized_cache}
 
 
 def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "original", lazy: int = 0,
@@ -40,15 +41,16 @@ def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "or
     """
     spec = as_spec(spec)
     policy = spec.policy
+    cache = IMPLEMENTATIONS[policy.name] if policy.cache is None else policy.cache
     if not spec.is_compressed:
         if positions != "original" or lazy:
             raise ValueError(f"{spec.method} keeps every token at its own position: positions and lazy do not apply")
-        return policy.cache(spec, model)
-    if not (isinstance(policy.cache, type) and issubclass(policy.cache, CompressedCache)):
+        return cache(spec, model)
+    if not (isinstance(cache, type) and issubclass(cache, CompressedCache)):
         raise TypeError(f"policy {spec.method} has a capacity, so its cache must subclass kvstress.caches.CompressedCache")
     links = attach(model)
-    return policy.cache(spec, links.num_layers, links.rotary_embedding, positions=positions, lazy=lazy, seed=seed,
-                        chunk=chunk)
+    return cache(spec, links.num_layers, links.rotary_embedding, positions=positions, lazy=lazy, seed=seed,
+                 chunk=chunk)
 
 
 def make_run_cache(spec: MethodSpec, model: nn.Module, *, positions: str, lazy: int, seed: int = 0,

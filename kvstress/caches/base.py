@@ -37,9 +37,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..spec import SpecError
-
-POSITION_MODES = ("original", "shifted")
+from ..errors import SpecError
+from ..policy import POSITION_MODES
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

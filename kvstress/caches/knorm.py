@@ -24,25 +24,9 @@ lowest slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..spec import Params, Policy, SpecError
 from .scored import ScoredCache
-
-
-@dataclass(frozen=True, kw_only=True)
-class KeyNormParams(Params):
-    sink: int = 0
-    window: int = 0
-    full_layers: int = 2
-    capacity: int
-    rest = "low-norm keys"
-
-    def check(self) -> None:
-        if self.full_layers < 0:
-            raise SpecError(f"full_layers must be 0 or more, got {self.full_layers}")
 
 
 class KeyNormCache(ScoredCache):
@@ -50,12 +34,3 @@ class KeyNormCache(ScoredCache):
         start = max(self.kept, self.sink)  # this forward's tokens; sinks keep their +inf
         norms = torch.linalg.vector_norm(self._flat("keys", start, total), dim=-1, dtype=torch.float32)
         self._flat("scores", start, total).copy_(norms.neg_())
-
-
-POLICY = Policy(
-    name="knorm",
-    params=KeyNormParams,
-    description="key norm (the authors'): the first F layers whole, elsewhere each KV head keeps the keys with "
-                "the smallest L2 norm; S sinks and W recent optional",
-    cache=KeyNormCache,
-)

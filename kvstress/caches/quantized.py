@@ -11,33 +11,8 @@ so a chunk can leave more than `residual` tokens in full precision until the nex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from transformers import QuantizedCache
-
-from ..spec import Params, Policy, SpecError
-
-
-@dataclass(frozen=True, kw_only=True)
-class QuantizedParams(Params):
-    bits: int = 4
-    residual: int = 128
-
-    def check(self) -> None:
-        if self.bits not in (2, 4):
-            raise SpecError(f"bits must be 2 or 4 (optimum-quanto's int2 and int4), got {self.bits}: "
-                            "use quant_2_R or quant_4_R")
-        if self.residual < 0:
-            raise SpecError(f"residual must be 0 or more recent tokens kept in full precision, got {self.residual}")
 
 
 def quantized_cache(spec, model) -> QuantizedCache:
     return QuantizedCache(backend="quanto", config=model.config, nbits=spec.bits, residual_length=spec.residual)
-
-
-POLICY = Policy(
-    name="quant",
-    params=QuantizedParams,
-    description="quantized KV (optimum-quanto): every token kept in B bits, the R most recent in full precision",
-    cache=quantized_cache,
-)

@@ -13,11 +13,8 @@ decode step computes it inside its graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..spec import Params, Policy
 from .base import CompressedCache
 
 # Odd multipliers below 2**32 spread position, step, lane and seed over 64 bits before
@@ -33,14 +30,6 @@ def mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 31)
 
 
-@dataclass(frozen=True, kw_only=True)
-class RandomParams(Params):
-    sink: int = 4
-    window: int | None = None
-    capacity: int
-    rest = "random tokens"
-
-
 class RandomCache(CompressedCache):
     def eviction_priority(self, total: int) -> torch.Tensor:
         positions = self._flat("positions", 0, total)  # [layers * batch, kv_heads, total]
@@ -50,11 +39,3 @@ class RandomCache(CompressedCache):
         priority = mix(positions * POSITION + seen * STEP + lanes * LANE + (self.seed % (1 << 32)) * SEED)
         protected = (positions < self.sink) | (positions >= seen - self.window)
         return priority.masked_fill(protected, torch.iinfo(torch.long).max)
-
-
-POLICY = Policy(
-    name="random",
-    params=RandomParams,
-    description="random eviction (the control): S sinks + W most recent + tokens kept at random, seeded",
-    cache=RandomCache,
-)

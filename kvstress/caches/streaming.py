@@ -10,19 +10,9 @@ perplexity collapses once the first tokens leave the window — the reason sinks
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..spec import Params, Policy
 from .base import CompressedCache
-
-
-@dataclass(frozen=True, kw_only=True)
-class StreamingParams(Params):
-    sink: int = 4
-    capacity: int
-    rest = "recent tokens"
 
 
 class StreamingCache(CompressedCache):
@@ -30,12 +20,3 @@ class StreamingCache(CompressedCache):
         positions = self._flat("positions", 0, total)
         # Oldest first; sinks never.
         return positions.masked_fill(positions < self.sink, torch.iinfo(torch.long).max)
-
-
-POLICY = Policy(
-    name="streaming",
-    params=StreamingParams,
-    description="StreamingLLM: S attention sinks + the C - S most recent tokens (S = 0: window attention)",
-    cache=StreamingCache,
-    in_all=True,
-)

@@ -22,19 +22,9 @@ by the lowest slot (`argmin`) rather than by `topk`'s unspecified order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..spec import Params, Policy
 from .scored import AttentionScoredCache
-
-
-@dataclass(frozen=True, kw_only=True)
-class TOVAParams(Params):
-    sink: int = 0
-    capacity: int
-    rest = "attended tokens"
 
 
 class TOVACache(AttentionScoredCache):
@@ -57,21 +47,3 @@ class PerHeadTOVACache(AttentionScoredCache):
 
     def update_scores(self, scores: torch.Tensor, mass: torch.Tensor) -> None:
         scores.copy_(mass)
-
-
-POLICY = Policy(
-    name="tova",
-    params=TOVAParams,
-    description="TOVA (the authors'): S sinks + the tokens the newest query attends to most, "
-                "averaged over the layer's heads, one eviction shared by the layer's heads",
-    cache=TOVACache,
-    per_head=False,
-)
-
-PER_HEAD_POLICY = Policy(
-    name="tovahead",
-    params=TOVAParams,
-    description="kvstress's per-KV-head TOVA variant: each KV head keeps the tokens its query group "
-                "attends to most",
-    cache=PerHeadTOVACache,
-)
