@@ -21,8 +21,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def peaked_llama():
+def build_peaked_llama(layers: int = 2) -> LlamaForCausalLM:
     """A tiny random Llama with grouped-query attention (4 query heads, 2 KV heads), float32.
 
     Random init gives near-uniform attention, under which accumulated attention just
@@ -33,7 +32,7 @@ def peaked_llama():
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=256,
@@ -46,6 +45,18 @@ def peaked_llama():
             layer.self_attn.q_proj.weight.mul_(6)
             layer.self_attn.k_proj.weight.mul_(6)
     return model
+
+
+@pytest.fixture(scope="module")
+def peaked_llama():
+    """build_peaked_llama's two-layer model."""
+    return build_peaked_llama()
+
+
+@pytest.fixture(scope="module")
+def peaked_llama_three_layers():
+    """The same recipe with three layers: for key norm's default of two whole layers."""
+    return build_peaked_llama(layers=3)
 
 
 @pytest.fixture

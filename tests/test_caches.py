@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_policies import ReferencePolicyModel
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from kvstress import make_cache
@@ -241,37 +241,23 @@ def test_every_built_in_evicting_policy_states_what_its_reference_pins():
     assert evicting <= set(PUBLISHED_DETAILS)
 
 
-@pytest.fixture(scope="module")
-def three_layers():
-    """peaked_llama's recipe with three layers, for key norm's default of two whole layers."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192,
-                         attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    return model
-
-
 @pytest.mark.parametrize("positions", ["original", "shifted"])
 @pytest.mark.parametrize("chunk", [1, 6])
-def test_key_norm_default_is_the_authors_two_whole_layers(three_layers, positions, chunk):
+def test_key_norm_default_is_the_authors_two_whole_layers(peaked_llama_three_layers, positions, chunk):
     """`--method knorm` is knorm_0_0_2_C: layers 0 and 1 keep every token, layer 2 keeps
     the C lowest-norm keys per head with nothing protected, as the reference has it."""
     from kvstress.spec import spec_from_flags
 
+    model3 = peaked_llama_three_layers
     spec = spec_from_flags("knorm", capacity=16)
     assert spec.name == "knorm_0_0_2_16"
-    reference = ReferencePolicyModel(three_layers, spec, positions=positions)
-    cache = make_cache(spec, three_layers, positions=positions)
+    reference = ReferencePolicyModel(model3, spec, positions=positions)
+    cache = make_cache(spec, model3, positions=positions)
     ids = torch.randperm(256, generator=torch.Generator().manual_seed(3))[:60].unsqueeze(0)
     with torch.no_grad():
         for i in range(0, ids.shape[1], chunk):
             expected = reference.forward(ids[:, i : i + chunk])
-            actual = three_layers(ids[:, i : i + chunk], **with_cache(three_layers, cache)).logits
+            actual = model3(ids[:, i : i + chunk], **with_cache(model3, cache)).logits
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
     assert [cache.kept_positions(layer).shape[-1] for layer in range(3)] == [60, 60, 16]
     assert cache.kept_positions(2).tolist() == reference.kept_positions(2)

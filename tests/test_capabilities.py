@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from command_runs import COMMANDS, METHODS
 from typer.testing import CliRunner
 
 import kvstress.stream as stream_module
@@ -24,15 +25,6 @@ from kvstress.models import load_model
 from kvstress.texts import TextError
 
 runner = CliRunner()
-METHODS = ["-m", "baseline", "-m", "streaming_4_48", "-m", "h2o_4_6_48"]
-# Small runs of each command; long enough (tiny model, one thread) to be interrupted mid-way.
-COMMANDS = {
-    "sweep": ["sweep", "--lengths", "128,256,384,512,640,768", "--chunk", "32", "--decode-steps", "4"],
-    "ppl": ["ppl", "--tokens", "768", "--buckets", "128,256,384,512,640", "--chunk", "1"],
-    "needle": ["needle", "--lengths", "128,192,256,320", "--depths", "0,50,100", "--needles", "2",
-               "--max-new-tokens", "3", "--chunk", "32"],
-    "batch": ["batch", "--length", "128", "--batch-sizes", "1,2,3,4,5,6", "--chunk", "32", "--decode-steps", "4"],
-}
 ALL = list(COMMANDS)
 # The matrix's cells for sweep run in the fast tier; the other commands' cells are slow.
 MATRIX = [command if command == "sweep" else pytest.param(command, marks=pytest.mark.slow) for command in COMMANDS]

@@ -20,8 +20,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import command_runs
 import psutil
 import pytest
+from command_runs import METHODS
 from typer.testing import CliRunner
 
 import kvstress.models as models_module
@@ -30,14 +32,9 @@ from kvstress.cli import app
 from kvstress.errors import StopNow
 
 runner = CliRunner()
-METHODS = ["-m", "baseline", "-m", "streaming_4_48", "-m", "h2o_4_6_48"]
-# Small runs of each command (test_capabilities.py's), long enough to be stopped mid-way.
+# test_capabilities.py's runs, and compare's.
 COMMANDS = {
-    "sweep": ["sweep", "--lengths", "128,256,384,512,640,768", "--chunk", "32", "--decode-steps", "4"],
-    "ppl": ["ppl", "--tokens", "768", "--buckets", "128,256,384,512,640", "--chunk", "1"],
-    "needle": ["needle", "--lengths", "128,192,256,320", "--depths", "0,50,100", "--needles", "2",
-               "--max-new-tokens", "3", "--chunk", "32"],
-    "batch": ["batch", "--length", "128", "--batch-sizes", "1,2,3,4,5,6", "--chunk", "32", "--decode-steps", "4"],
+    **command_runs.COMMANDS,
     "compare": ["compare", "--tokens", "512", "--buckets", "128,256,384", "--chunk", "1"],
 }
 RESUME_LINE = "continue with the same command plus --resume"
