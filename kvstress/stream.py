@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .caches import CompressedCache, cache_bytes, cached_tokens, make_run_cache
+from .caches import CompressedCache, cache_sizes, cached_tokens, make_run_cache
 from .caches.compiled import CompiledDecode
 from .caches.hooks import attention_modules
 from .config import RunConfig
@@ -273,7 +273,7 @@ class Harness:
     # -- every forward ---------------------------------------------------------------
 
     def after_forward(self, stream: Stream, count: int, phase: str) -> None:
-        sample = self.sampler.sample(cache_bytes(stream.cache), cache_bytes(stream.cache, allocated=True))
+        sample = self.sampler.sample(*cache_sizes(stream.cache))
         self._samples.append({"method": stream.spec.name, "step": stream.forwards,
                               "tokens_seen": stream.position, "phase": phase,
                               "elapsed_s": time.perf_counter() - self._started, **sample})
@@ -308,10 +308,9 @@ class Harness:
         unstable = None
         if timing["tpot_spread"] is not None:
             unstable = timing["tpot_spread"] > UNSTABLE_SPREAD or (load is not None and self._others_load(load) > UNSTABLE_LOAD)
+        held, allocated = cache_sizes(stream.cache)
         measured = {**timing, "load_per_core": load, "timing_unstable": unstable, **self.sampler.peak_record(),
-                    "cache_bytes": cache_bytes(stream.cache),
-                    "cache_allocated_bytes": cache_bytes(stream.cache, allocated=True),
-                    "cache_tokens": cached_tokens(stream.cache)}
+                    "cache_bytes": held, "cache_allocated_bytes": allocated, "cache_tokens": cached_tokens(stream.cache)}
         # --tp: memory summed over the ranks, each rank's own in a "ranks" event (distributed.py)
         return measured if self.ranks is None else self.ranks.combine(stream, measured, self.writer)
 

@@ -77,16 +77,22 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def cache_bytes(cache: Cache, *, allocated: bool = False) -> int:
-    """Bytes of tensors the cache holds between forwards (keys, values, quantized data and
-    any policy state); with `allocated`, also a compressed cache's room for a forward's
-    new tokens. transformers' caches hold what they allocate: the two are equal."""
+def cache_sizes(cache: Cache) -> tuple[int, int]:
+    """(held, allocated): bytes of tensors the cache holds between forwards (keys, values,
+    quantized data and any policy state), and the same with a compressed cache's room for a
+    forward's new tokens. transformers' caches hold what they allocate: the two are equal."""
     if isinstance(cache, CompressedCache):
-        return cache.nbytes if allocated else cache.held_bytes
+        return cache.held_bytes, cache.nbytes
     # transformers' layers: every tensor they hold (full-precision keys and values, quantized
     # ones, a residual), found by walking them rather than assumed from their class.
-    return sum(tensor_bytes(value) for layer in cache.layers for value in vars(layer).values()
+    size = sum(tensor_bytes(value) for layer in cache.layers for value in vars(layer).values()
                if isinstance(value, torch.Tensor))
+    return size, size
+
+
+def cache_bytes(cache: Cache, *, allocated: bool = False) -> int:
+    """One of cache_sizes' figures: what the cache holds between forwards, or (`allocated`) with its room."""
+    return cache_sizes(cache)[1 if allocated else 0]
 
 
 __all__ = [
@@ -100,6 +106,7 @@ __all__ = [
     "TOVACache",
     "UnsupportedModelError",
     "cache_bytes",
+    "cache_sizes",
     "cached_tokens",
     "make_cache",
     "make_run_cache",

@@ -18,8 +18,8 @@ recent window `W` are kvstress's additions, protected regardless of norm when as
 Departures: the authors keep a fraction of the cache (`keep_ratio`) once it passes
 `prune_after` tokens; kvstress keeps a fixed count (`capacity`), the streaming reading
 every policy here shares. Only the first `F` layers can be left whole, not any list
-(every setting the authors use is such a prefix). Norms are float32; ties go to the
-lowest slot.
+(every setting the authors use is such a prefix). Norms are float32; exact ties go to
+whichever `argmin`/`topk` returns, as the authors' `argsort` leaves them unspecified.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ A per-head choice also keeps a model sharded by heads (--tp) exact, which the
 layer-wide average cannot be without gathering every rank's heads.
 
 Departures from the authors' code, both variants: scores are float32 whatever the
-model's dtype (the authors average the model-dtype attention weights); a tie is broken
-by the lowest slot (`argmin`) rather than by `topk`'s unspecified order.
+model's dtype (the authors average the model-dtype attention weights); an exact tie goes
+to whichever `argmin`/`topk` returns, where the authors' `topk` leaves it unspecified too.
 """
 
 from __future__ import annotations
