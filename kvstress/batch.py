@@ -12,7 +12,8 @@ time per step is the TPOT. The record it writes (kind "batch") carries
 
     batch_size, tpot_ms_median / p90, throughput_tok_s = batch_size * 1000 / TPOT median
     (generated tokens per second over all sequences), peak memory, cache_bytes, and
-    status "ok" or "oom" (a real OOM or the --max-memory budget).
+    status "ok" or "oom" (a real OOM or the --max-memory budget), or "error" when the
+    method failed there (it ends without a largest batch; a resumed run measures it again).
 
 Perplexity is not measured (score=False): it is not what this study asks, and the
 all-position logits it needs would add batch × chunk × vocabulary floats to the peak.
@@ -97,10 +98,15 @@ class TextTooShort(ConfigError):
     """The text cannot hold the largest batch of the run."""
 
 
+class _Failed(Exception):
+    """A batch point failed with an error (recorded by the guard): the method ends there."""
+
+
 class BatchSchedule(Schedule):
     """Measures (method, batch size) points, each one a fresh sweep stream."""
 
     config_type = BatchConfig
+    length_option = "--length"
     config: BatchConfig
 
     def load_text(self, tokenizer):
@@ -110,7 +116,8 @@ class BatchSchedule(Schedule):
 
         config = self.config
         try:
-            return load_text(config.dataset, tokenizer, config.tokens_needed, book=self.book)
+            return load_text(config.dataset, tokenizer, config.tokens_needed, book=self.book,
+                             length_option=self.length_option)
         except ShortText as error:
             name, available = error.name, error.available
         per_sequence = config.tokens_per_sequence
@@ -141,20 +148,29 @@ class BatchSchedule(Schedule):
 
     def run_method(self, harness: Harness, spec: MethodSpec) -> None:
         config = self.config
-        if config.find_max_batch:
-            best, first_oom, probes = find_max_batch(
-                lambda batch_size: self.measure(harness, spec, batch_size)["status"] == "ok", config.search_limit)
-            limited_by = "--max-batch" if config.max_batch is not None else "--batch-sizes"
-        else:
-            probes, best, first_oom = [], None, None
-            for batch_size in config.sweep_sizes:
-                probes.append(batch_size)
-                if self.measure(harness, spec, batch_size)["status"] != "ok":
-                    first_oom = batch_size
-                    break
-                best = batch_size
-            limited_by = ("--max-batch" if config.max_batch is not None and config.max_batch < config.batch_sizes[-1]
-                          else "--batch-sizes")
+
+        def fits(batch_size: int) -> bool:
+            status = self.measure(harness, spec, batch_size)["status"]
+            if status == "error":  # not a limit of memory: the search has no answer
+                raise _Failed
+            return status == "ok"
+
+        try:
+            if config.find_max_batch:
+                best, first_oom, probes = find_max_batch(fits, config.search_limit)
+                limited_by = "--max-batch" if config.max_batch is not None else "--batch-sizes"
+            else:
+                probes, best, first_oom = [], None, None
+                for batch_size in config.sweep_sizes:
+                    probes.append(batch_size)
+                    if not fits(batch_size):
+                        first_oom = batch_size
+                        break
+                    best = batch_size
+                limited_by = ("--max-batch" if config.max_batch is not None and config.max_batch < config.batch_sizes[-1]
+                              else "--batch-sizes")
+        except _Failed:
+            return  # the failed point is recorded; no largest batch (a resumed run measures it again)
         event = harness.writer.add_event({
             "type": MAX_BATCH_EVENT, "method": spec.name, "batch_size": best, "first_oom": first_oom,
             "limited_by": "oom" if first_oom is not None else limited_by,
@@ -172,7 +188,7 @@ class BatchSchedule(Schedule):
                                                                             (spec.name, batch_size, "oom")):
                 return record
         config = self.config.point_config(batch_size)
-        tokens = text_segments(self.text_tokens, batch_size, config.tokens_needed)
+        tokens = text_segments(self.text_tokens, batch_size, config.tokens_needed, self.length_option)
         harness.progress.start(f"{spec.name} × {batch_size}", config.tokens_needed - 1)
         record = run_checkpoints(harness, spec, tokens, config)[-1]
         harness.progress.finish()

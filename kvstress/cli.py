@@ -5,7 +5,9 @@ of config.RunConfig through one decorator, builds its config, and hands a schedu
 run.execute. Nothing here loads torch or transformers: the options are checked and the
 config built first, and only then is the command's measuring module imported. Every
 default is the config dataclass's (`_default`). Expected failures (any errors.KvstressError) print one line on stderr that
-names the fix and exit with code 2; `--debug` shows the traceback. Ctrl-C exits with 130
+names the fix and exit with code 2; `--debug` shows the traceback. A method that fails while
+it runs is a failed point in the results, the other methods run, and the command exits with 3
+at the end. Ctrl-C exits with 130
 after saying how to resume, SIGTERM (a scheduler ending the job) the same way with 143:
 from the moment a command starts (control.stop_on_interrupt; at once until measuring starts).
 """
@@ -27,6 +29,7 @@ from .config import (
     RunConfig,
     SweepConfig,
     build_methods,
+    launch_problem,
     parse_batch_sizes,
     parse_buckets,
     parse_depths,
@@ -34,7 +37,8 @@ from .config import (
     parse_lengths,
 )
 from .control import stop_on_interrupt
-from .errors import KvstressError, RunInterrupted, StopNow
+from .errors import KvstressError, RankLost, RunInterrupted, StopNow
+from .ruler import ANSWER_TOKENS
 from .sizes import parse_size
 from .spec import all_methods
 from .tables import console, notify, progress_bars
@@ -45,18 +49,22 @@ app = typer.Typer(
     help="Long-context stress tests for KV-cache compression policies (`kvstress policies` lists them).",
 )
 USAGE_EXIT = 2
+FAILED_EXIT = 3  # a method failed while it ran; the others ran to the end
 
 
 @contextmanager
 def user_errors(debug: bool):
-    """Turn expected failures into one line on stderr and exit code 2; an interrupt into 130
-    (Ctrl-C) or 143 (SIGTERM)."""
+    """Turn expected failures into one line on stderr (from rank 0 alone under torchrun) and exit
+    code 2; an interrupt into 130 (Ctrl-C) or 143 (SIGTERM)."""
     try:
         yield
     except KvstressError as error:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+        # Under torchrun every rank meets the same mistake: rank 0 says it once. A lost rank
+        # is each rank's own news.
+        if os.environ.get("RANK", "0") == "0" or isinstance(error, RankLost):
+            console.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(USAGE_EXIT) from None
     except RunInterrupted as interrupted:
         console.print(f"[yellow]interrupted:[/] {interrupted}", markup=True, highlight=False, soft_wrap=True)
@@ -148,7 +156,11 @@ def run_options(command):
 
 
 def shared_config(run: dict, *, methods=None) -> dict:
-    """The shared options as RunConfig fields."""
+    """The shared options as RunConfig fields; a launch that does not match --tp (torchrun) is
+    refused here, before any results file is opened."""
+    problem = launch_problem(run["tp"])
+    if problem:
+        raise ConfigError(problem)
     fields = {key: run[key] for key in ("model", "dataset", "book", "device", "dtype", "positions", "seed", "lazy", "compile",
                                         "tp", "device_map", "force", "resume", "isolate", "debug")}
     fields["methods"] = methods or build_methods(run["method"], run["capacity"], run["sink"], run["window"])
@@ -179,12 +191,24 @@ def _execute(schedule):
     with nullcontext() if quiet else progress_bars() as progress:
         result = execute(schedule, progress=progress)
     if quiet:
-        raise typer.Exit(0)
+        raise typer.Exit(FAILED_EXIT if result.failed else 0)
     return result
 
 
-def _results_line(out: Path, then: str) -> None:
+def _results_line(out: Path, then: str, failed: list[dict]) -> None:
+    """The results file's line; then, if any point of this run failed, exit 3 (after every
+    other method was measured and the tables printed)."""
     console.print(f"results: {out}   {then} {out}")
+    _exit_if_failed(failed)
+
+
+def _exit_if_failed(failed: list[dict]) -> None:
+    if failed:
+        methods = ", ".join(dict.fromkeys(record["method"] for record in failed))
+        console.print(f"[bold red]failed:[/] {methods} (see the lines above; --debug shows the traceback); the other "
+                      "methods' results are complete, and once the cause is fixed the same command plus --resume "
+                      "measures what failed", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(FAILED_EXIT)
 
 
 @app.command()
@@ -210,7 +234,7 @@ def sweep(
 
     result = _execute(SweepSchedule(config, notify=notify))
     print_sweep(result.records)
-    _results_line(out, "plot: kvstress plot")
+    _results_line(out, "plot: kvstress plot", result.failed)
 
 
 @app.command()
@@ -236,12 +260,15 @@ def ppl(
 
     result = _execute(PplSchedule(config, bucket_note=note, notify=notify))
     print_ppl(config, result.records, result.events, result.text.name)
-    _results_line(out, "table: kvstress report")
+    _results_line(out, "table: kvstress report", result.failed)
 
 
 @app.command()
 @run_options
 def needle(
+    task: str = typer.Option(NEEDLE["task"], help="What to hide and ask: needle (one magic number), multikey (RULER's "
+                             "multi-key needle: four keys, one asked) or vartrack (RULER's variable tracking: every "
+                             "name bound to a value through a chain of assignments)."),
     lengths: str = typer.Option(",".join(map(_tokens_text, NEEDLE["lengths"])), help="Prompt lengths in tokens (haystack + "
                                 "needle + question), "
                                 "increasing."),
@@ -250,15 +277,17 @@ def needle(
     needles: int = typer.Option(NEEDLE["needles"], help="Trials (needles) per length and depth, each its own haystack "
                                 "and number."),
     chunk: int = typer.Option(NEEDLE["chunk"], help="Prefill chunk size; the question always gets its own forward."),
-    max_new_tokens: int = typer.Option(NEEDLE["max_new_tokens"], help="Most tokens generated per answer (stops after the "
-                                       "first number)."),
+    max_new_tokens: int | None = typer.Option(NEEDLE["max_new_tokens"], help="Most tokens generated per answer "
+                                              "(default by task: " + ", ".join(f"{t} {n}" for t, n in ANSWER_TOKENS.items()) +
+                                              "; numbers stop after the first number, vartrack at the answer's "
+                                              "line end)."),
     chat: bool = typer.Option(NEEDLE["chat"], "--chat", help="Wrap the question in the tokenizer's chat template."),
     out: Path = typer.Option(NEEDLE["out"], "--out", "-o", help="Results file (JSON, kind needle), written "
                              "after each cell."),
     *, run: dict,
 ) -> None:
-    """Needle in a haystack: hide a number at each depth of real text, ask for it, score the answers."""
-    config = NeedleConfig(**shared_config(run), lengths=parse_lengths(lengths), depths=parse_depths(depths),
+    """Needle in a haystack: hide a number (or a RULER task's keys or chain) at each depth, ask for it, score the answers."""
+    config = NeedleConfig(**shared_config(run), task=task, lengths=parse_lengths(lengths), depths=parse_depths(depths),
                           needles=needles, chunk=chunk, max_new_tokens=max_new_tokens, chat=chat, out=out)
     from .events import needle_cells
     from .needle import NeedleSchedule
@@ -266,7 +295,7 @@ def needle(
 
     result = _execute(NeedleSchedule(config, notify=notify))
     print_needle(config, needle_cells({"events": result.events}))
-    _results_line(out, "plot: kvstress plot")
+    _results_line(out, "plot: kvstress plot", result.failed)
 
 
 @app.command()
@@ -298,7 +327,7 @@ def batch(
 
     result = _execute(BatchSchedule(config, notify=notify))
     print_batch(config, result.records, largest_batches(result.events))
-    _results_line(out, "plot: kvstress plot")
+    _results_line(out, "plot: kvstress plot", result.failed)
 
 
 @app.command()
@@ -328,10 +357,61 @@ def compare(
     with nullcontext() if quiet else progress_bars() as progress:
         result = run_compare(names, config, bucket_note=note, out_dir=out_dir, progress=progress,
                              notify=(lambda message: None) if quiet else notify)
-    if quiet:
-        raise typer.Exit(0)  # rank 0 reads the files it wrote and prints the table
+    if quiet:  # rank 0 reads the files it wrote and prints the table
+        raise typer.Exit(FAILED_EXIT if result.failed else 0)
     sys.stdout.write(render(build_report(result.written, datasets=names), format))
     console.print(f"results: {', '.join(map(str, result.written))}")
+    _exit_if_failed(result.failed)
+
+
+@app.command()
+@run_options
+def frontier(
+    budgets: str = typer.Option("0.0625,0.125,0.25,0.5", help="KV budgets, increasing: tokens (128,256,512) or "
+                                "fractions of the full cache's bytes at --tokens (0.1,0.25,0.5), never mixed. Each "
+                                "policy's capacity (quant: its full-precision residual) is the budget."),
+    tokens: str = typer.Option("4k", help="The run's length: tokens of each text scored, and the context of the "
+                               "decode-cost steps."),
+    ppl_chunk: int = typer.Option(1, "--ppl-chunk", help="Tokens per perplexity forward: 1 is exact; more is faster "
+                                  "but an approximation (recorded as chunked)."),
+    chunk: int = typer.Option(512, help="Prefill chunk size of the needles' prompts and the decode-cost context."),
+    books: str | None = typer.Option(None, help="Several books, each one sample, perplexity pooled and mean ± SD: a "
+                                     "count or indices/titles; --dataset pg19 (PG-19's) or shakespeare (the plays)."),
+    needle_lengths: str = typer.Option("1k,2k", help="Needle prompt lengths in tokens, increasing."),
+    depths: str = typer.Option("0,50,100", help="Where the needle sits, in percent of the haystack."),
+    needles: int = typer.Option(1, help="Trials per needle length and depth."),
+    tasks: str = typer.Option("needle", help="Retrieval tasks, comma-separated: needle, and RULER's multikey "
+                              "(several keys, one asked) and vartrack (a chain of assignments)."),
+    max_new_tokens: int | None = typer.Option(None, help="Most tokens generated per answer (default: each task's)."),
+    decode_steps: int = typer.Option(16, help="Single-token steps per cache at --tokens (the first a warm-up), taken "
+                                     "in turns with StreamingLLM's at the same budget."),
+    out: Path = typer.Option(Path("frontier.json"), "--out", "-o", help="Results file (JSON, kind frontier), "
+                             "written as the run goes."),
+    *, run: dict,
+) -> None:
+    """Every policy at several KV budgets: perplexity, retrieval and decode cost against the bytes the cache holds."""
+    from .config import FrontierConfig, frontier_plan, parse_budgets
+
+    if run["capacity"] is not None:
+        raise ConfigError("--capacity: in a frontier the budgets set every policy's capacity; drop --capacity and "
+                          "give --budgets")
+    count = _tokens(tokens, "--tokens")
+    chosen = parse_budgets(budgets)
+    plan = frontier_plan(run["method"], chosen, count, sink=run["sink"], window=run["window"])
+    config = FrontierConfig(**shared_config(run, methods=tuple(point.method for point in plan)),
+                            policies=tuple(run["method"]), budgets=chosen, sink=run["sink"], window=run["window"],
+                            tokens=count, ppl_chunk=ppl_chunk, chunk=chunk, books=books,
+                            needle_lengths=parse_lengths(needle_lengths, "--needle-lengths"), depths=parse_depths(depths),
+                            needles=needles, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                            max_new_tokens=max_new_tokens, decode_steps=decode_steps, out=out)
+    from .frontier import FrontierSchedule
+    from .report import frontier_report, render
+    from .tables import print_frontier
+
+    result = _execute(FrontierSchedule(config, notify=notify))
+    print_frontier(out)
+    sys.stdout.write(render(frontier_report(out), "markdown"))
+    _results_line(out, "plot: kvstress plot", result.failed)
 
 
 @app.command()

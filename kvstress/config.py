@@ -8,6 +8,7 @@ measures, so they are not stored.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -16,6 +17,7 @@ from typing import ClassVar
 
 from .errors import ConfigError, KvstressError, TextError
 from .policy import POSITION_MODES
+from .ruler import ANSWER_TOKENS, TASKS
 from .spec import MethodSpec, SpecError, method_specs, parse_spec
 
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384, 32768, 50000)
@@ -130,6 +132,27 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def launch_problem(tp: int) -> str | None:
+    """Why this process, as it was launched, cannot run with --tp `tp` (one line naming the
+    fix), or None. --tp N runs one process per rank under torchrun; and each of torchrun's
+    processes needs --tp, or every one would run the whole job into the same results file."""
+    world = os.environ.get("WORLD_SIZE")
+    launched = world is not None and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if tp == 1:
+        if launched and int(world) > 1:
+            return (f"torchrun started {world} processes but --tp is 1, so each would run the whole job into the "
+                    f"same results file: add --tp {world} to shard the model over them, or run kvstress without "
+                    "torchrun")
+        return None
+    if not launched:
+        return (f"--tp {tp} runs one process per rank: launch it with "
+                f"torchrun --nproc-per-node {tp} -m kvstress <command> ... --tp {tp}")
+    if int(world) != tp:
+        return (f"--tp {tp} but torchrun started {world} processes: give torchrun --nproc-per-node {tp} "
+                f"(times --nnodes) or --tp {world}")
+    return None
+
+
 def build_methods(
     methods: list[str], capacity: int | None, sink: int | None, window: int | None
 ) -> tuple[MethodSpec, ...]:
@@ -169,6 +192,8 @@ class RunConfig:
     debug: bool = field(default=False, metadata=_CONTROL)
 
     def __post_init__(self) -> None:
+        for choice in ("device", "dtype", "positions"):  # spelled in any case, as method specs are
+            object.__setattr__(self, choice, getattr(self, choice).strip().lower())
         if not self.methods:
             raise ConfigError("no method to run: give --method with a policy name or spec string (kvstress policies)")
         if self.chunk <= 0:
@@ -320,14 +345,19 @@ class NeedleConfig(RunConfig):
     kind: ClassVar[str] = "needle"
     out: Path = field(default=Path("needle.json"), metadata=_CONTROL)
 
+    task: str = "needle"  # ruler.TASKS: kvstress's needle, RULER's multikey or vartrack
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)  # percent of the haystack
     needles: int = 3
-    max_new_tokens: int = 24
+    max_new_tokens: int | None = None  # None: the task's (ruler.ANSWER_TOKENS); stored resolved
     chat: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown --task {self.task!r}: use one of {', '.join(TASKS)}")
+        if self.max_new_tokens is None:
+            object.__setattr__(self, "max_new_tokens", ANSWER_TOKENS[self.task])
         if not self.lengths or list(self.lengths) != sorted(set(self.lengths)) or self.lengths[0] <= 0:
             raise ConfigError("--lengths must be positive and increasing, e.g. 1k,2k,4k")
         if not self.depths or any(not 0 <= d <= 100 for d in self.depths):
@@ -408,3 +438,194 @@ __all__ = [
     "BatchConfig", "ConfigError", "DEFAULT_LENGTHS", "KvstressError", "NeedleConfig", "PplConfig", "RunConfig",
     "SpecError", "SweepConfig", "build_methods", "parse_length", "parse_lengths",
 ]
+
+
+# --- kvstress frontier ----------------------------------------------------------------
+
+# `kvstress frontier` without --method: the seed's three policies and every other built-in family.
+FRONTIER_POLICIES = ("baseline", "streaming", "h2o", "tova", "knorm", "random", "quant")
+# A spec whose last field the budget fills: h2o_4_32_C, quant_2_C.
+_TEMPLATE = re.compile(r"([a-z][a-z0-9]*)((?:_\d+)*)_c")
+_FRACTION = re.compile(r"\d*\.\d*")
+
+
+def parse_budgets(text: str) -> tuple[int, ...] | tuple[float, ...]:
+    """`128,256,2k` → token counts; `0.1,0.25` → fractions of the full cache's bytes; never mixed."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ConfigError("--budgets is empty: give token counts (128,256,512) or fractions of the full cache's "
+                          "bytes (0.1,0.25,0.5)")
+    budgets: list[int | float] = []
+    for part in parts:
+        if _FRACTION.fullmatch(part):
+            value = float(part)
+            if not 0 < value < 1:
+                raise ConfigError(f"--budgets {part}: a fraction of the full cache's bytes lies strictly between 0 "
+                                  "and 1 (the full cache itself is the baseline point): e.g. 0.1,0.25,0.5")
+            budgets.append(value)
+        else:
+            try:
+                budgets.append(parse_length(part))
+            except ConfigError as error:
+                raise ConfigError(f"--budgets: {error}") from None
+    if len({type(budget) for budget in budgets}) > 1:
+        raise ConfigError(f"--budgets {text} mixes token counts and fractions: give all as tokens (128,256,512) "
+                          "or all as fractions of the full cache's bytes (0.1,0.25,0.5)")
+    if any(b <= a for a, b in zip(budgets, budgets[1:])):
+        raise ConfigError(f"--budgets must increase, got {text}: e.g. 128,256,512")
+    return tuple(budgets)
+
+
+def budget_tokens(budget: int | float, tokens: int) -> int:
+    """The capacity a budget gives at a run of `tokens` tokens. A fraction f is round(f * tokens):
+    f of the full cache's bytes for a cache that holds that many tokens in every layer at the
+    full cache's precision (what a cache with whole layers or fewer bits holds, its measured
+    bytes say)."""
+    capacity = round(budget * tokens) if isinstance(budget, float) else budget
+    if capacity < 1:
+        raise ConfigError(f"--budgets {budget} of --tokens {tokens} is less than one token: give a larger fraction")
+    if capacity >= tokens:
+        raise ConfigError(f"--budgets {budget} ({capacity} tokens) is not below --tokens {tokens}: a cache that "
+                          f"holds every token is the full cache (the baseline point); give budgets below {tokens}")
+    return capacity
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One method of a frontier: its spec, the --method value it came from, and its budget."""
+
+    method: MethodSpec
+    policy: str  # a policy name or a template such as h2o_4_126_C: one line of the figure
+    budget: int | float | None  # as given; None: the full cache, or a spec with no budget (quant_4_128)
+    capacity: int | None  # what the budget put in the spec's capacity (quant: its residual)
+
+    def to_json(self) -> dict:
+        return {"method": self.method.name, "policy": self.policy, "budget": self.budget, "capacity": self.capacity}
+
+
+def _budgeted(policy, label: str, numbers: list[int] | None, capacity: int, sink: int | None,
+              window: int | None) -> MethodSpec:
+    """`policy` with the budget in its capacity (or, for a policy without one, its last field:
+    quant's full-precision residual); the other fields as the template gives them, else the
+    size flags and the policy's defaults."""
+    names = [f.name for f in policy.fields]
+    target = "capacity" if "capacity" in names else names[-1]
+    if numbers is None:
+        values = {key: value for key, value in (("sink", sink), ("window", window)) if key in names and value is not None}
+    else:
+        if len(numbers) != len(names) - 1:
+            raise ConfigError(f"--method {label} should look like {policy.form[: -len(target[0])]}C "
+                              "(every number but the budgeted last one)")
+        values = dict(zip(names[:-1], numbers))
+    try:
+        return MethodSpec(policy.name, **values, **{target: capacity})
+    except SpecError as error:
+        raise ConfigError(f"--budgets {capacity} tokens for {label}: {error}") from None
+
+
+def frontier_plan(policies: Sequence[str], budgets: Sequence[int | float], tokens: int, *,
+                  sink: int | None = None, window: int | None = None) -> tuple[FrontierPoint, ...]:
+    """Every method of a frontier: the full cache first, then each policy at each budget.
+
+    A policy is a name (`h2o`: the budget is its capacity, its other sizes the flags' or its
+    defaults, so h2o's window stays capacity // 8), a template whose last field is `C`
+    (`h2o_4_126_C`), or a spec of a policy without a capacity (`quant_4_128`), which is one
+    point placed by its bytes. The full cache takes no budget.
+    """
+    from .spec import find_policy
+
+    if not budgets:
+        raise ConfigError("--budgets is empty: give token counts (128,256,512) or fractions (0.1,0.25,0.5)")
+    capacities = [budget_tokens(budget, tokens) for budget in budgets]
+    values = [part.strip().lower() for value in policies for part in value.split(",") if part.strip()]
+    values = [name for value in values for name in (FRONTIER_POLICIES if value == "all" else (value,))]
+    points = {"baseline": FrontierPoint(parse_spec("baseline"), "baseline", None, None)}
+    for value in values:
+        template = _TEMPLATE.fullmatch(value)
+        name = template.group(1) if template else value.split("_")[0]
+        policy = find_policy(name)
+        if not policy.fields:
+            if template or value != name:
+                raise ConfigError(f"--method {value}: {name} keeps every token and takes no budget: write {name}")
+            continue  # the full cache: one point, first
+        if template is None and value != name:
+            spec = parse_spec(value)
+            if spec.capacity is not None:
+                raise ConfigError(f"--method {value} fixes its capacity, which the budgets set in a frontier: "
+                                  f"write {value.rpartition('_')[0]}_C or {name}")
+            points.setdefault(spec.name, FrontierPoint(spec, value, None, None))
+            continue
+        numbers = [int(n) for n in template.group(2).split("_")[1:]] if template else None
+        label = f"{value[:-1]}C" if template else value
+        for budget, capacity in zip(budgets, capacities):
+            spec = _budgeted(policy, label, numbers, capacity, sink, window)
+            points.setdefault(spec.name, FrontierPoint(spec, label, budget, capacity))
+    return tuple(points.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontierConfig(RunConfig):
+    """`kvstress frontier`: every policy at every budget, measured by the ppl and needle schedules
+    and an interleaved decode-cost step (frontier.py). `methods` is the plan's (frontier_plan)."""
+
+    kind: ClassVar[str] = "frontier"
+    out: Path = field(default=Path("frontier.json"), metadata=_CONTROL)
+
+    policies: tuple[str, ...] = FRONTIER_POLICIES
+    budgets: tuple[int | float, ...] = (0.0625, 0.125, 0.25, 0.5)
+    sink: int | None = None  # the size flags, for policies given by name
+    window: int | None = None
+    tokens: int = 4096  # the run's length: perplexity, decode cost and the fractions' reference
+    ppl_chunk: int = 1  # 1: exact streaming perplexity; more: chunked, an approximation
+    books: str | None = None
+    needle_lengths: tuple[int, ...] = (1024, 2048)
+    depths: tuple[float, ...] = (0.0, 50.0, 100.0)
+    needles: int = 1
+    tasks: tuple[str, ...] = ("needle",)  # ruler.TASKS
+    max_new_tokens: int | None = None  # None: each task's own
+    decode_steps: int = 16  # per cache, interleaved with StreamingLLM's at the same budget
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.books is not None and (self.book is not None or self.dataset not in (None, "pg19", "shakespeare")):
+            raise ConfigError("--books averages over several books: use it with --dataset pg19 or shakespeare "
+                              "(each play one book) and without --book")
+        if self.books is not None:
+            check_books(parse_books(self.books))
+        if self.decode_steps < 3:
+            raise ConfigError(f"--decode-steps must be at least 3 (one warm-up step, then timed ones), "
+                              f"got {self.decode_steps}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"--tasks must name each task once, e.g. {','.join(TASKS)}")
+        self.ppl_config()
+        for task in self.tasks:
+            self.needle_config(task)
+        if tuple(point.method for point in self.plan) != self.methods:
+            raise ValueError("FrontierConfig.methods must be its plan's: build it with frontier_plan")
+
+    @property
+    def plan(self) -> tuple[FrontierPoint, ...]:
+        return frontier_plan(self.policies, self.budgets, self.tokens, sink=self.sink, window=self.window)
+
+    def _shared(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(RunConfig)}
+
+    def ppl_config(self) -> PplConfig:
+        """The perplexity part: the same options, one text (or each book) of --tokens tokens."""
+        return PplConfig(**{**self._shared(), "chunk": self.ppl_chunk}, tokens=self.tokens,
+                         buckets=parse_buckets(None, self.tokens)[0])
+
+    def needle_config(self, task: str) -> NeedleConfig:
+        """The retrieval part for one task (ruler.TASKS: the needle in a haystack, RULER's multikey, vartrack)."""
+        return NeedleConfig(**self._shared(), task=task, lengths=self.needle_lengths, depths=self.depths,
+                            needles=self.needles, max_new_tokens=self.max_new_tokens)
+
+    @property
+    def tokens_needed(self) -> int:
+        """The run's length, the decode steps after it and the token the last one reads; a needle
+        haystack at least as long as its longest prompt."""
+        return max(self.tokens + self.decode_steps + 1, self.needle_lengths[-1])
+
+    def derived_json(self) -> dict:
+        return {"ppl_mode": self.ppl_config().derived_json()["mode"],
+                "plan": [point.to_json() for point in self.plan]}

@@ -12,8 +12,9 @@ keeps exactly the tokens an unsharded one keeps (tests/test_distributed.py check
 What the ranks agree on, after every measured forward (`Ranks.together`, one all-reduce):
 
     time     the step time is the slowest rank's (MAX of each rank's elapsed time)
-    faults   an out-of-memory error (or the --max-memory budget) on any rank is raised on
-             every rank, so each records the same "oom" point and goes on together, also
+    faults   an out-of-memory error (or the --max-memory budget), or any other error of the
+             method, on any rank is raised on every rank, so each records the same "oom" or
+             "error" point and goes on together, also
              when it struck halfway through the model's forward, while the other ranks
              waited in a collective (collectives.py); Ctrl-C or SIGTERM likewise stops
              every rank after the same step (and each exits as SIGTERM asked, if any rank got it)
@@ -45,7 +46,8 @@ import torch
 import torch.distributed as dist
 
 from . import collectives
-from .errors import ConfigError, KvstressError, RunInterrupted, first_line
+from .config import launch_problem
+from .errors import ConfigError, KvstressError, MethodFailed, RankLost, RunInterrupted, describe_failure, failure_site, first_line
 from .results import ResultsWriter
 
 TIMEOUT_ENV = "KVSTRESS_TP_TIMEOUT_S"
@@ -54,22 +56,6 @@ DEFAULT_TIMEOUT_S = 600.0
 MEMORY_FIELDS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_nvml_used_bytes", "peak_rss_bytes",
                  "cache_bytes", "cache_allocated_bytes")
 _STORE_KEY = "kvstress/rank/{}"
-
-
-class RankLost(KvstressError):
-    """Another rank died or failed, or a collective timed out: the run cannot go on."""
-
-
-def launch_problem(tp: int) -> str | None:
-    """Why this process cannot run with --tp `tp` (one line naming the fix), or None."""
-    world = os.environ.get("WORLD_SIZE")
-    if world is None or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        return (f"--tp {tp} runs one process per rank: launch it with "
-                f"torchrun --nproc-per-node {tp} -m kvstress <command> ... --tp {tp}")
-    if int(world) != tp:
-        return (f"--tp {tp} but torchrun started {world} processes: give torchrun --nproc-per-node {tp} "
-                f"(times --nnodes) or --tp {world}")
-    return None
 
 
 def start(tp: int, device: torch.device) -> Ranks:
@@ -224,9 +210,10 @@ class Ranks:
         An out-of-memory error on any rank is raised on every rank, also one that struck inside
         the model's forward while the others went on to wait in a collective: the failed rank
         first stands in for the collectives they still wait in (collectives.py), so that every
-        rank reaches the agreement (one all-reduce). Any other error on one rank stops every
-        rank the same way, at once (the failed rank raises it, the others name it), rather
-        than after the collective timeout. Ctrl-C or SIGTERM on any rank stops every rank here
+        rank reaches the agreement (one all-reduce). Any other error on one rank is raised on
+        every rank the same way, at once, as one MethodFailed naming each failed rank's error:
+        the method ends there on every rank and the run goes on (rather than waiting out the
+        collective timeout). Ctrl-C or SIGTERM on any rank stops every rank here
         (with the highest signal number asked for on any: SIGTERM over SIGINT)."""
         interrupted: RunInterrupted | None = None
         oom_message: str | None = None
@@ -255,14 +242,12 @@ class Ranks:
         finally:
             self.collectives.end()
         slowest, any_oom, any_stop, any_failure = flags.tolist()
-        if any_failure:
-            said = self.gather(None if failure is None else f"{type(failure).__name__}: {first_line(failure, '')}",
+        if any_failure:  # every rank records the same failed point (stream.Harness.guard) and goes on
+            said = self.gather(None if failure is None else (describe_failure(failure), failure_site(failure)),
                                "agreeing on an error")
-            if failure is not None:
-                raise failure
-            failed = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text)
-            raise RankLost(f"rank {self.rank} stopped: another rank failed in {what} ({failed}); what was "
-                           "measured is saved: once the cause is fixed, the same command plus --resume continues")
+            failed = [(rank, text) for rank, text in enumerate(said) if text]
+            message = "; ".join(f"rank {rank}: {line}" for rank, (line, _) in failed)
+            raise MethodFailed(message, where=failed[0][1][1]) from failure
         if any_oom:
             said = self.gather(oom_message, "agreeing on an out-of-memory error")
             raise torch.OutOfMemoryError("; ".join(f"rank {rank}: {text}" for rank, text in enumerate(said) if text))

@@ -147,12 +147,14 @@ def dataset_name(doc: dict) -> str | None:
 
 
 def needle_cells(doc: dict) -> list[dict]:
-    """The cells of a needle results dict, the last one per (method, length, depth)."""
+    """The cells of a needle results dict, the last one per (method, task, length, depth): a frontier
+    file holds several tasks' cells (a cell written before tasks existed is the needle's)."""
     latest: dict[tuple, dict] = {}
     for event in doc["events"]:
         if isinstance(event, dict) and event.get("type") == CELL_EVENT:
             try:
-                key = (str(event["method"]), int(event["length"]), float(event["depth"]))
+                key = (str(event["method"]), str(event.get("task", "needle")), int(event["length"]),
+                       float(event["depth"]))
             except (KeyError, TypeError, ValueError):
                 continue
             latest[key] = event
@@ -181,3 +183,88 @@ def describe_max_batch(event: dict) -> str:
 def largest_batches(events: Sequence[dict]) -> dict[str, dict]:
     """method → its (last) max_batch event, from a results file's events."""
     return {event["method"]: event for event in events if event.get("type") == MAX_BATCH_EVENT}
+
+
+# -- frontier ---------------------------------------------------------------------------
+
+# A frontier file's decode-cost event per method: its cost record (by index), the prefill time,
+# and its decode step against StreamingLLM's at the same budget, measured in turns (frontier.py).
+COST_EVENT = "frontier_cost"
+
+
+def cost_events(events: list) -> dict[str, dict]:
+    """method → its last "frontier_cost" event."""
+    return {e["method"]: e for e in events if isinstance(e, dict) and e.get("type") == COST_EVENT}
+
+
+def frontier_points(doc: dict) -> list[dict]:
+    """One dict per method of a frontier results dict, in its plan's order: the plan entry
+    (method, policy, budget, capacity) and what was measured, None where it was not:
+
+        status          "ok", or the first failed record's status ("oom", "error")
+        cache_bytes     bytes the cache holds at the run's length (the cost record's)
+        bytes_fraction  ÷ the full cache's cache_bytes
+        perplexity      overall (pooled over the books with --books); perplexity_ratio ÷ the full cache's
+        books           the "ppl_books" spread (perplexity_mean, _stdev, _min, _max) when several books
+        accuracy        task → mean exact-answer rate over its cells; accuracy_ratio ÷ the full cache's
+        decode_ratio, reference, decode_ms_median, prefill_s   the "frontier_cost" event's
+    """
+    _, overall = split_ppl_records(doc)
+    spreads = book_spreads(doc)
+    costs = cost_events(doc["events"])
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for cell in needle_cells(doc):
+        cells.setdefault((cell["method"], cell.get("task", "needle")), []).append(cell)
+    tasks = list(doc["config"].get("tasks") or ["needle"])
+    points = []
+    for entry in doc["config"]["plan"]:
+        method = entry["method"]
+        failed = [r for r in doc["records"] if r["method"] == method and r["status"] != "ok"]
+        cost = costs.get(method)
+        record = doc["records"][cost["record"]] if cost is not None else None
+        points.append({
+            **entry, "status": failed[0]["status"] if failed else "ok",
+            "cache_bytes": record["cache_bytes"] if record is not None else None,
+            "perplexity": overall[method]["perplexity"] if method in overall else None,
+            "books": spreads.get(method),
+            "accuracy": {task: mean_accuracy(cells.get((method, task), [])) for task in tasks},
+            **{key: cost.get(key) if cost is not None else None
+               for key in ("decode_ratio", "reference", "decode_ms_median", "prefill_s")},
+        })
+    full = next((p for p in points if p["method"] == "baseline"), None)
+
+    def ratio(value, reference):
+        return value / reference if value is not None and reference else None
+
+    for point in points:
+        point["bytes_fraction"] = ratio(point["cache_bytes"], full and full["cache_bytes"])
+        point["perplexity_ratio"] = ratio(point["perplexity"], full and full["perplexity"])
+        point["accuracy_ratio"] = {task: ratio(value, full and full["accuracy"][task])
+                                   for task, value in point["accuracy"].items()}
+    return points
+
+
+def best_per_budget(points: list[dict]) -> list[dict]:
+    """For each budget, in order: the policy with the lowest perplexity and the one with the highest
+    accuracy on each task (ties: fewer bytes; none when no policy answered), and how much of the full cache's quality each keeps
+    (full perplexity ÷ its perplexity; its accuracy ÷ the full cache's)."""
+    full = next((p for p in points if p["method"] == "baseline"), {})
+    rows = []
+    for budget in dict.fromkeys(p["budget"] for p in points if p["budget"] is not None):
+        at = [p for p in points if p["budget"] == budget]
+        row = {"budget": budget, "capacity": at[0]["capacity"], "best_ppl": None, "best_accuracy": {}}
+        scored = [p for p in at if p["perplexity"] is not None]
+        if scored:
+            best = min(scored, key=lambda p: (p["perplexity"], p["cache_bytes"] or 0))
+            kept = full.get("perplexity") / best["perplexity"] if full.get("perplexity") else None
+            row["best_ppl"] = {"method": best["method"], "policy": best["policy"], "perplexity": best["perplexity"],
+                               "kept": kept, "bytes_fraction": best["bytes_fraction"]}
+        for task in (full.get("accuracy") or {}):
+            ran = [p for p in at if p["accuracy"].get(task)]  # a best that answers nothing names nothing
+            if ran:
+                best = max(ran, key=lambda p: (p["accuracy"][task], -(p["cache_bytes"] or 0)))
+                row["best_accuracy"][task] = {"method": best["method"], "policy": best["policy"],
+                                              "accuracy": best["accuracy"][task],
+                                              "kept": best["accuracy_ratio"][task]}
+        rows.append(row)
+    return rows

@@ -11,45 +11,72 @@ Ctrl-C and SIGTERM reach the child too: the parent passes each one on (control.S
 the child counts a copy of one it got itself, from a process-group signal, as one), the
 child stops after its forward and exits 128 + the signal, and the parent merges what it
 measured and stops the run. A child ended by either signal is interrupted, not crashed.
+A parent killed outright (SIGKILL) cannot pass anything on: on Linux the child is then sent
+SIGTERM by the kernel and stops (what it measured stays in its hidden .part file).
+
+Any other failure is a result: inside the method's stream the child's own guard records it
+(stream.Harness.guard); before that (loading) the child records an "error" event and exits
+with 3, and the parent records the point with that message; a crash is recorded with the
+way the child ended. No child traceback reaches the terminal (--debug prints it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import shutil
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from .control import STOP_SIGNALS, Progress, StopRequest, stop_on_interrupt
-from .errors import RunInterrupted
+from .errors import RunInterrupted, describe_failure, failure_site
 from .events import record_model
 from .results import RECORD_FIELDS, ResultsWriter, load_results
 from .spec import MethodSpec, parse_spec
 
 # Fault injection for tests: "METHOD:TOKENS" makes the child for METHOD kill itself
-# with SIGSEGV once it has fed TOKENS tokens.
+# with SIGSEGV once it has fed TOKENS tokens; "METHOD:TOKENS:error" makes it raise instead.
 CRASH_ENV = "KVSTRESS_INJECT_CRASH"
 # How long a parent stopped at once (a second signal) waits for its child to stop too.
 _CHILD_STOP_S = 10.0
+# The exit code of a child that failed outside its method's guard (loading) and recorded why.
+_CHILD_FAILED = 3
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class _CrashInjector(Progress):
-    def __init__(self, tokens: int):
+    def __init__(self, tokens: int, raises: bool):
         self.left = tokens
+        self.raises = raises
 
     def advance(self, count: int) -> None:
         self.left -= count
         if self.left <= 0:
+            if self.raises:
+                raise RuntimeError("injected failure")
             os.kill(os.getpid(), signal.SIGSEGV)
 
 
-def _child(schedule_type: type, config_json: dict, part: str, method: str) -> None:
+def _stop_with_parent(parent: int) -> None:
+    """A parent killed outright (SIGKILL: nothing to pass a stop on) must not leave its child
+    computing: on Linux the kernel sends the child SIGTERM, which stops it as the user's would."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux/glibc: only a parent that lives to pass a stop on stops the child
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(schedule_type: type, config_json: dict, part: str, method: str, parent: int) -> None:
     from . import models
     from .stream import Harness
 
     with stop_on_interrupt(at_once=True) as stop:  # a signal during start-up stops the child at once
+        _stop_with_parent(parent)
         try:
             config = schedule_type.config_type.from_json(config_json, out=Path(part))
             schedule = schedule_type(config)
@@ -61,8 +88,9 @@ def _child(schedule_type: type, config_json: dict, part: str, method: str) -> No
             schedule.prepare(schedule.load_text(tokenizer), writer)
             loaded = models.load_model(config.model, device=config.device, dtype=config.dtype, seed=config.seed)
             record_model(loaded, writer, lambda message: None, schedule.random_weights_note)
-            crash_method, _, crash_tokens = os.environ.get(CRASH_ENV, "").partition(":")
-            progress = _CrashInjector(int(crash_tokens)) if crash_method == method else None
+            crash_method, _, crash = os.environ.get(CRASH_ENV, "").partition(":")
+            crash_tokens, _, how = crash.partition(":")
+            progress = _CrashInjector(int(crash_tokens), how == "error") if crash_method == method else None
             with stop.deferred():
                 harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
                                   stop_requested=stop)
@@ -72,6 +100,13 @@ def _child(schedule_type: type, config_json: dict, part: str, method: str) -> No
                     harness.flush_samples()
         except (RunInterrupted, KeyboardInterrupt) as interrupted:  # StopNow is a KeyboardInterrupt
             sys.exit(128 + (getattr(interrupted, "signum", None) or stop.signum or signal.SIGINT))
+        except Exception as error:  # outside the method's guard (loading): the parent records it, no traceback here
+            if config_json.get("debug"):
+                traceback.print_exception(error)
+            copy = ResultsWriter.resume(part, load_results(part)["config"])
+            copy.add_event({"method": method, "type": "error", "message": describe_failure(error),
+                            "where": failure_site(error)})
+            sys.exit(_CHILD_FAILED)
 
 
 def describe_exit(code: int | None) -> str:
@@ -100,7 +135,8 @@ def run_method_isolated(schedule, spec: MethodSpec, writer: ResultsWriter, stop:
     base = load_results(part)
     records, events, samples = (len(base[key]) for key in ("records", "events", "samples"))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA state inherited
-    child = context.Process(target=_child, args=(type(schedule), schedule.config.to_json(), str(part), spec.name))
+    child = context.Process(target=_child, args=(type(schedule), schedule.config.to_json(), str(part), spec.name,
+                                                 os.getpid()))
     child.start()
     try:
         with stop.forwarding(child.pid):
@@ -114,9 +150,13 @@ def run_method_isolated(schedule, spec: MethodSpec, writer: ResultsWriter, stop:
     signum = stop_signal(child.exitcode, stop)
     if signum is not None:
         raise RunInterrupted(f"{spec.name} was interrupted", signum)
-    if child.exitcode != 0:
+    if child.exitcode == _CHILD_FAILED:  # it said why, in an "error" event now merged
+        error = writer.events[-1]
+        cause = error["message"] + (f" (at {error['where']})" if error.get("where") else "")
+    elif child.exitcode != 0:
         cause = f"the child process {describe_exit(child.exitcode)}"
         writer.add_event({"method": spec.name, "type": "crash", "message": cause})
+    if child.exitcode != 0:
         point = schedule.crash_point(spec, [r for r in writer.records if r["method"] == spec.name])
         if point is not None:
             record = dict.fromkeys(RECORD_FIELDS, None)

@@ -83,6 +83,7 @@ class PplSchedule(Schedule):
     """Scores one text ([1, tokens + 1] ids), or each of several PG-19 books, under each method."""
 
     random_weights_note = "random weights: these perplexities only compare methods with each other"
+    length_option = "--tokens"
 
     config_type = PplConfig
     config: PplConfig
@@ -97,7 +98,8 @@ class PplSchedule(Schedule):
             return super().load_text(tokenizer)
         from .texts import load_books, parse_books
 
-        self.samples = load_books(tokenizer, self.config.tokens_needed, parse_books(self.config.books))
+        self.samples = load_books(tokenizer, self.config.tokens_needed, parse_books(self.config.books),
+                                  length_option=self.length_option)
         books = [book for sample in self.samples for book in sample.books]
         titles = "; ".join(f"{book['index']}: {book['title']}" for book in books)
         return replace(self.samples[0], description=f"PG-19 test split, {len(books)} books ({titles})", books=books)
@@ -119,6 +121,12 @@ class PplSchedule(Schedule):
         recorded = {r["length"] for r in records if r["method"] == spec.name}
         pending = [hi for hi in self.config.buckets if hi not in recorded]
         return {"length": pending[0], "batch_size": 1} if pending else None
+
+    def saved(self, writer) -> str:
+        if self.samples is None:
+            return super().saved(writer)
+        books = sum(1 for event in writer.events if event.get("type") == BOOK_EVENT)
+        return f"{super().saved(writer)} and {books} finished book{'s' if books != 1 else ''}"
 
     def run_method(self, harness: Harness, spec: MethodSpec) -> None:
         if self.samples is None:
@@ -155,7 +163,7 @@ class PplSchedule(Schedule):
 
             scored = self._score(harness, spec, sample.tokens, bucket_done)
             if scored is None:
-                return  # out of memory: recorded by the guard; the mean needs every book
+                return  # out of memory or failed: recorded by the guard; the mean needs every book
             finished[book["index"]] = writer.add_event({
                 "type": BOOK_EVENT, "method": spec.name, "book": {key: book[key] for key in ("index", "title", "id")},
                 "buckets": [{key: r[key] for key in ("length", "nll_mean", "perplexity")} for r in buckets],
@@ -177,7 +185,7 @@ class PplSchedule(Schedule):
 
     def _score(self, harness: Harness, spec: MethodSpec, text: torch.Tensor, bucket_done) -> dict | None:
         """Stream `text` (1-D ids) under `spec`, scoring every prediction; bucket_done(lo, hi, nll) as each
-        bucket ends. Returns the overall measurements, or None when it ran out of memory."""
+        bucket ends. Returns the overall measurements, or None when it ran out of memory or failed."""
         config = self.config
         tokens = text[: config.tokens + 1].unsqueeze(0).to(harness.device)
         harness.progress.start(spec.name, config.tokens)
@@ -253,6 +261,7 @@ def dataset_file_stem(dataset: str) -> str:
 class CompareRun:
     written: list[Path]
     skipped: dict[str, str]  # dataset → why it could not be loaded
+    failed: list[dict]  # the "error" records of every dataset's run
 
 
 def run_compare(datasets: Sequence[str], config: PplConfig, *, bucket_note: str | None = None,
@@ -284,7 +293,8 @@ def run_compare(datasets: Sequence[str], config: PplConfig, *, bucket_note: str 
         if schedule.config.books is not None:
             continue  # the schedule loads the books, one sample each
         try:
-            texts[name] = load_text(name, tokenizer, config.tokens_needed, book=schedule.book if name == "pg19" else None)
+            texts[name] = load_text(name, tokenizer, config.tokens_needed, book=schedule.book if name == "pg19" else None,
+                                    length_option=schedule.length_option)
         except TextError as error:
             skipped[name] = str(error)
             notify(f"note: skipping dataset {name}: {error}")
@@ -295,14 +305,14 @@ def run_compare(datasets: Sequence[str], config: PplConfig, *, bucket_note: str 
         )
     loaded = None if config.isolate else models.load_model(config.model, device=config.device, dtype=config.dtype,
                                                            seed=config.seed)
-    written = []
+    written, failed = [], []
     for c in configs:
         if c.dataset not in texts and c.books is None:
             continue
         notify(f"dataset {c.dataset}: {len(c.methods)} methods, {c.tokens} tokens, {c.mode} mode")
-        execute(schedules[c.dataset], progress=progress, loaded=loaded, text=texts.get(c.dataset))
+        failed += execute(schedules[c.dataset], progress=progress, loaded=loaded, text=texts.get(c.dataset)).failed
         written.append(c.out)
-    return CompareRun(written, skipped)
+    return CompareRun(written, skipped, failed)
 
 
 def compare_methods() -> tuple[MethodSpec, ...]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from kvstress.events import dataset_name, needle_cells, pooled_books, split_ppl_records
 from kvstress.results import ResultsError, load_results
@@ -412,7 +412,8 @@ _NEEDLE_CMAP = "RdYlGn"
 
 
 def build_needle_figure(docs: Sequence[dict], sources: Sequence[str] | None = None) -> Figure:
-    """Retrieval accuracy heatmaps, depth (rows) x context length (columns), one panel per method.
+    """Retrieval accuracy heatmaps, depth (rows) x context length (columns), one panel per method
+    and task (needle, RULER's multikey and vartrack: kvstress needle --task).
 
     docs are loaded results dicts of kind "needle" (cells are its "needle_cell" events,
     see needle.py). Every panel uses one color scale, 0 to 1, and each cell is annotated
@@ -426,17 +427,23 @@ def build_needle_figure(docs: Sequence[dict], sources: Sequence[str] | None = No
     per_file = []
     for doc in docs:
         cells = needle_cells(doc)
-        methods = list(dict.fromkeys([c["method"] for c in cells] + [r["method"] for r in doc["records"]]))
-        per_file.append((doc, cells, methods))
-    collide = sum(len(m) for _, _, m in per_file) > len({x for _, _, m in per_file for x in m})
-    for source, (doc, cells, methods) in zip(sources, per_file):
-        for method in methods:
-            mine = {(c["length"], float(c["depth"])): c for c in cells if c["method"] == method}
+        task = doc["config"].get("task", "needle")  # a file from before --task holds the needle's cells
+        keys = list(dict.fromkeys([(c.get("task", task), c["method"]) for c in cells] +
+                                  [(task, r["method"]) for r in doc["records"]]))
+        per_file.append((doc, cells, task, keys))
+    tasked = any(task != "needle" for *_, keys in per_file for task, _ in keys)
+    labels = [f"{task}: {method}" if tasked else method for *_, keys in per_file for task, method in keys]
+    collide = len(labels) > len(set(labels))
+    for source, (doc, cells, file_task, keys) in zip(sources, per_file):
+        for task, method in keys:
+            mine = {(c["length"], float(c["depth"])): c for c in cells
+                    if c["method"] == method and c.get("task", file_task) == task}
             oom = {r["length"]: r["status"] for r in doc["records"] if r["method"] == method and r["status"] != "ok"}
             for c in mine.values():
                 if c.get("status") not in (None, "ok"):
                     oom.setdefault(c["length"], c["status"])
-            panels.append((f"{source}: {method}" if collide else method, mine, oom))
+            title = f"{task}: {method}" if tasked else method
+            panels.append((f"{source}: {title}" if collide else title, mine, oom))
     if not any(mine or oom for _, mine, oom in panels):
         raise PlotError("these results hold no needle cells yet: plot them once a cell is done")
     lengths = sorted({length for _, mine, oom in panels for length in [k[0] for k in mine] + list(oom)})
@@ -475,7 +482,8 @@ def build_needle_figure(docs: Sequence[dict], sources: Sequence[str] | None = No
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("needle depth (% of the haystack)")
+    axes[0].set_ylabel("depth of the needle, asked key or chain's start (% of the haystack)" if tasked
+                       else "needle depth (% of the haystack)")
     colorbar = figure.colorbar(image, ax=list(axes), shrink=0.9)
     colorbar.set_label("retrieval accuracy (exact / trials)")
     trials = sorted({c.get("trials") for _, mine, _ in panels for c in mine.values() if c.get("status") == "ok"})
@@ -491,9 +499,90 @@ def _hatched_cell(column: int, row: int):
                      hatch="//", linewidth=0.5, gid="failure")
 
 
+# --- frontier -----------------------------------------------------------------------
+
+
+# Black is the full cache's star.
+_POLICY_COLORS = tuple(color for color in _METHOD_COLORS if color != "black")
+
+
+def _pareto(points: list[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
+    """The points no other point beats with fewer bytes: (bytes, value), by bytes."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or (y < front[-1][1] if lower_is_better else y > front[-1][1]):
+            front.append((x, y))
+    return front
+
+
+def build_frontier_figure(docs: Sequence[dict], sources: Sequence[str] | None = None) -> Figure:
+    """Quality and cost against the KV bytes held (log x), one line per policy, the full cache a star.
+
+    One panel per quality measure (perplexity, each retrieval task's accuracy), each with its
+    Pareto front (the best value reachable with at most that many bytes), and one for the decode
+    step ÷ StreamingLLM's at the same budget. docs: one loaded results dict of kind "frontier".
+    """
+    from kvstress.events import frontier_points
+
+    if len(docs) != 1:
+        raise PlotError("plot one frontier file at a time: each is its own model, text and budgets")
+    doc = docs[0]
+    points = [p for p in frontier_points(doc) if p["cache_bytes"] is not None]
+    if not points:
+        raise PlotError("this frontier holds no measured point yet: plot it once a method's cost is measured")
+    tasks = list(points[0]["accuracy"])
+    scale, unit = _byte_scale([p["cache_bytes"] for p in points])
+    panels = [("perplexity", "perplexity" + (" (books pooled; bars: books' SD)" if pooled_books(doc) > 1 else ""),
+               lambda p: p["perplexity"], True)]
+    panels += [(task, f"{task} accuracy (exact)", lambda p, task=task: p["accuracy"][task], False) for task in tasks]
+    panels.append(("decode", "decode step ÷ StreamingLLM's (same budget)", lambda p: p["decode_ratio"], None))
+    figure = Figure(figsize=(4.2 * len(panels), 4.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    policies = list(dict.fromkeys(p["policy"] for p in points))
+    for ax, (name, label, value, lower_is_better) in zip(axes, panels):
+        measured = [(p, value(p)) for p in points if value(p) is not None]
+        for i, policy in enumerate(policies):
+            mine = sorted(((p, y) for p, y in measured if p["policy"] == policy), key=lambda pair: pair[0]["cache_bytes"])
+            if not mine:
+                continue
+            xs = [p["cache_bytes"] / scale for p, _ in mine]
+            ys = [y for _, y in mine]
+            if policy == "baseline":
+                ax.plot(xs, ys, "*", markersize=14, color="black", label="full cache", zorder=5)
+                continue
+            style = {"color": _POLICY_COLORS[i % len(_POLICY_COLORS)], "marker": _METHOD_MARKERS[i % len(_METHOD_MARKERS)]}
+            ax.plot(xs, ys, markersize=5, label=policy, **style)
+            spreads = [(p["books"] or {}).get("perplexity_stdev") for p, _ in mine]
+            if name == "perplexity" and any(sd is not None for sd in spreads):
+                ax.errorbar(xs, ys, yerr=[sd or 0 for sd in spreads], fmt="none", ecolor=style["color"], alpha=0.4)
+        if lower_is_better is not None and measured:
+            front = _pareto([(p["cache_bytes"] / scale, y) for p, y in measured], lower_is_better)
+            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="grey", linewidth=3, alpha=0.35,
+                    label="Pareto front", zorder=1, gid=f"pareto:{name}")
+        if name == "decode":
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        if name == "perplexity":
+            values = [y for _, y in measured]
+            if values and max(values) / min(values) >= 20:
+                ax.set_yscale("log")  # a policy that breaks down would flatten the others
+        ax.set_xscale("log")
+        for axis in (ax.xaxis,):  # plain numbers: a few MB apart reads better than powers of ten
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
+        ax.set_xlabel(f"KV cache held at {doc['config'].get('tokens')} tokens ({unit}, log)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", fontsize=8)
+    mode = doc["config"].get("ppl_mode", "")
+    figure.suptitle(f"{_title(docs, 'frontier')} — {dataset_name(doc) or 'text'}, perplexity {mode.split(' (')[0]}")
+    return figure
+
+
 FIGURE_BUILDERS: dict[str, Callable[[Sequence[dict], Sequence[str]], Figure]] = {
     "sweep": build_sweep_figure,
     "ppl": build_ppl_figure,
     "batch": build_batch_figure,
     "needle": build_needle_figure,
+    "frontier": build_frontier_figure,
 }

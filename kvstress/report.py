@@ -19,6 +19,8 @@ Columns are the seed experiment's (docs/seed-experiment.md) plus context length 
     Retrieval acc                  only when a needle results file is given: the method's
                                    mean needle-in-a-haystack accuracy over all its cells
                                    (lengths x depths) that ran; "–" for a method it lacks
+    multikey acc, vartrack acc     the same for needle files of RULER's tasks (needle --task),
+                                   a column per task
     Device                         the device the numbers were measured on
 
 Peak Mem is torch's peak allocated bytes when measured, else the process's peak RSS,
@@ -41,8 +43,10 @@ from pathlib import Path
 from .events import (
     BOOKS_EVENT,
     OVERALL_EVENT,
+    best_per_budget,
     book_spreads,
     dataset_name,
+    frontier_points,
     mean_accuracy,
     needle_cells,
     overall_events,
@@ -56,10 +60,17 @@ from .results import ResultsError, load_results, validate_record
 FORMATS = ("markdown", "csv", "json")
 DATASET_COLUMNS = {"wikitext": "Wikitext PPL", "pg19": "PG-19 PPL"}
 TIME_COLUMNS = ("Total Time (s)", "Avg Attn (ms)", "TTFT (s)", "TPOT (ms)", "Throughput (tok/s)", "Peak Mem (GB)")
-# Column → digits after the point, as in the seed table.
 RETRIEVAL_COLUMN = "Retrieval acc"
-_DIGITS = {RETRIEVAL_COLUMN: 2, "Total Time (s)": 4, "Avg Attn (ms)": 4, "TTFT (s)": 4, "TPOT (ms)": 2,
-           "Throughput (tok/s)": 2, "Peak Mem (GB)": 2}
+
+
+def retrieval_column(task: str) -> str:
+    """The column of a needle task's accuracy: the needle's keeps the seed table's name."""
+    return RETRIEVAL_COLUMN if task == "needle" else f"{task} acc"
+
+
+# Column → digits after the point, as in the seed table.
+_DIGITS = {RETRIEVAL_COLUMN: 2, "Total Time (s)": 4, "Avg Attn (ms)": 4, "TTFT (s)": 4,
+           "TPOT (ms)": 2, "Throughput (tok/s)": 2, "Peak Mem (GB)": 2}
 MISSING = "–"
 OOM = "OOM"
 
@@ -79,7 +90,7 @@ def _load(path: Path) -> dict:
     doc = load_results(path)
     if doc["kind"] not in ("sweep", "ppl", "needle"):
         raise ResultsError(f"{path} holds {doc['kind']!r} results: the report reads sweep and ppl results files "
-                           "(and needle files for the retrieval accuracy)")
+                           "(and needle files for the retrieval accuracy), or one frontier file on its own")
     try:
         doc["records"] = [validate_record(record) for record in doc["records"]]
     except (ValueError, TypeError, AttributeError) as error:
@@ -142,7 +153,7 @@ class _Row:
         self.time: dict | None = None
         self.time_rank: tuple = ()  # sweep beats ppl; then the longer context
         self.time_source: str | None = None
-        self.retrieval: float | str | None = None
+        self.retrieval: dict[str, float | str | None] = {}  # by needle task
 
     def add_context(self, length: int | None, device: str | None) -> None:
         if length is not None and length not in self.lengths:
@@ -160,12 +171,14 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
     paths = [Path(path) for path in paths]
     if not paths:
         raise ResultsError("no results files given: pass at least one results .json file")
+    if len(paths) == 1 and load_results(paths[0])["kind"] == "frontier":
+        return frontier_report(paths[0])
     docs = [(path, _load(path)) for path in paths]
     rows: dict[str, _Row] = {}
     books = {dataset_name(doc): pooled_books(doc) for _, doc in docs if doc["kind"] == "ppl"}
     ppl_columns = [pooled_column(name, books.get(name, 1)) for name in datasets]
     notes: list[str] = []
-    has_needle = False
+    tasks: list[str] = []  # the needle tasks the files hold, each a column
 
     def row(method: str) -> _Row:
         return rows.setdefault(method, _Row(method))
@@ -173,8 +186,9 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
     for order, (path, doc) in enumerate(docs):
         device = _device(doc)
         if doc["kind"] == "needle":
-            _add_needle(doc, path, row, notes, device)
-            has_needle = True
+            task = _add_needle(doc, path, row, notes, device)
+            if task not in tasks:
+                tasks.append(task)
         elif doc["kind"] == "ppl":
             count = pooled_books(doc)
             column = pooled_column(dataset_name(doc), count)
@@ -220,7 +234,7 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
                 entry.add_context(record["length"], device)
                 entry.offer_time((1, record["length"], -order), _time_columns(record, None), f"{path.name} (sweep)")
 
-    retrieval = [RETRIEVAL_COLUMN] if has_needle else []
+    retrieval = [retrieval_column(task) for task in tasks]
     columns = ["Configuration", "Context length", *_order_ppl(ppl_columns), *retrieval, *TIME_COLUMNS, "Device"]
     table = []
     for entry in rows.values():
@@ -232,8 +246,8 @@ def build_report(paths: Sequence[Path | str], *, datasets: Sequence[str] = ()) -
             values[column] = entry.ppl.get(column)
         if entry.time is not None:
             values.update(entry.time)
-        if has_needle:
-            values[RETRIEVAL_COLUMN] = entry.retrieval
+        for task in tasks:
+            values[retrieval_column(task)] = entry.retrieval.get(task)
         table.append(values)
     sources = sorted({entry.time_source for entry in rows.values() if entry.time is not None})
     if sources:
@@ -249,14 +263,16 @@ def _spread_value(event: dict | None) -> dict | None:
             "min": event.get("perplexity_min"), "max": event.get("perplexity_max"), "books": len(event["books"])}
 
 
-def _add_needle(doc: dict, path: Path, row, notes: list[str], device: str | None) -> None:
-    """Mean retrieval accuracy per method of a needle file; a method with no cell that ran shows OOM."""
+def _add_needle(doc: dict, path: Path, row, notes: list[str], device: str | None) -> str:
+    """Mean retrieval accuracy per method of a needle file, under its task (a file from before
+    --task is the needle's); a method with no cell that ran shows OOM. Returns the task."""
+    task = doc["config"].get("task", "needle")
     cells = needle_cells(doc)
     ran = [c for c in cells if c.get("status") == "ok"]
     if ran:
         lengths = ", ".join(map(str, sorted({c["length"] for c in ran})))
         depths = ", ".join(f"{d:g}%" for d in sorted({float(c["depth"]) for c in ran}))
-        notes.append(f"retrieval acc: mean exact-answer rate over the needle cells of {path.name} "
+        notes.append(f"{retrieval_column(task).lower()}: mean exact-answer rate over the {task} cells of {path.name} "
                      f"(lengths {lengths}; depths {depths})")
     for method in dict.fromkeys([c["method"] for c in cells] + [r["method"] for r in doc["records"]]):
         entry = row(method)
@@ -265,17 +281,59 @@ def _add_needle(doc: dict, path: Path, row, notes: list[str], device: str | None
         accuracy = mean_accuracy(mine)
         failed = [r for r in doc["records"] if r["method"] == method and r["status"] != "ok"]
         for r in failed:
-            notes.append(f"{method}: {r['status']} at {r['length']} tokens in {path.name} (needle)")
+            notes.append(f"{method}: {r['status']} at {r['length']} tokens in {path.name} ({task})")
         if accuracy is not None:
-            entry.retrieval = accuracy
-        elif failed and entry.retrieval is None:
-            entry.retrieval = OOM if any(r["status"] == "oom" for r in failed) else None
+            entry.retrieval[task] = accuracy
+        elif failed and entry.retrieval.get(task) is None:
+            entry.retrieval[task] = OOM if any(r["status"] == "oom" for r in failed) else None
+    return task
 
 
 def _order_ppl(columns: list[str]) -> list[str]:
     """Wikitext and PG-19 first, as in the seed table; the others in the order met."""
     seeded = [c for c in DATASET_COLUMNS.values() if c in columns]
     return seeded + [c for c in columns if c not in seeded]
+
+
+def frontier_report(path: Path | str) -> Report:
+    """A frontier file's table: for each budget, the policy that keeps the most of the full cache's
+    perplexity and the one that answers most on each retrieval task, with how much each keeps."""
+    doc = load_results(path)
+    if doc["kind"] != "frontier":
+        raise ResultsError(f"{path} holds {doc['kind']!r} results, not a frontier: give the file kvstress frontier wrote")
+    points = frontier_points(doc)
+    full = next(p for p in points if p["method"] == "baseline")
+    tasks = list(full["accuracy"])
+    columns = ["Budget", "Best by PPL", "PPL (× full)", "PPL kept", "KV bytes (of full)"]
+    for task in tasks:
+        columns += [f"Best by {task}", f"{task} acc (kept)"]
+    rows = []
+    for best in best_per_budget(points):
+        budget = best["budget"]
+        row = dict.fromkeys(columns)
+        row["Budget"] = f"{budget:g} ({best['capacity']} tokens)" if isinstance(budget, float) else f"{budget} tokens"
+        by_ppl = best["best_ppl"]
+        if by_ppl is not None:
+            ratio = by_ppl["perplexity"] / full["perplexity"] if full["perplexity"] else None
+            row["Best by PPL"] = by_ppl["method"]
+            row["PPL (× full)"] = f"{by_ppl['perplexity']:.2f}" + ("" if ratio is None else f" (×{ratio:.3f})")
+            row["PPL kept"] = None if by_ppl["kept"] is None else f"{by_ppl['kept']:.1%}"
+            row["KV bytes (of full)"] = None if by_ppl["bytes_fraction"] is None else f"{by_ppl['bytes_fraction']:.1%}"
+        for task, chosen in best["best_accuracy"].items():
+            row[f"Best by {task}"] = chosen["method"]
+            row[f"{task} acc (kept)"] = f"{chosen['accuracy']:.2f}" + (
+                "" if chosen["kept"] is None else f" ({chosen['kept']:.0%})")
+        rows.append(row)
+    config = doc["config"]
+    books = pooled_books(doc)
+    text = f"{books} books pooled" if books > 1 else "one text"
+    accuracy = ", ".join(f"{task} {full['accuracy'][task]:.2f}" for task in tasks if full["accuracy"][task] is not None)
+    held = "–" if full["cache_bytes"] is None else f"{full['cache_bytes'] / 1e6:.1f} MB"
+    notes = [f"full cache: perplexity {format_value(' PPL', full['perplexity'])} ({text}, {config.get('ppl_mode')}, "
+             f"{config.get('tokens')} tokens), {accuracy or 'no retrieval'}, KV held {held}",
+             "PPL kept: the full cache's perplexity ÷ the policy's; acc kept: its mean exact-answer rate ÷ the full "
+             "cache's; KV bytes: what the cache holds at the run's length, measured, ÷ the full cache's"]
+    return Report(columns, rows, notes)
 
 
 # --- rendering ----------------------------------------------------------------------
@@ -290,8 +348,8 @@ def format_value(column: str, value) -> str:
         return f"{value['mean']:.2f}" + ("" if value.get("stdev") is None else f" ± {value['stdev']:.2f}")
     if " PPL" in column:
         return f"{value:.2f}"
-    if column in _DIGITS:
-        return f"{value:.{_DIGITS[column]}f}"
+    if column in _DIGITS or column.endswith(" acc"):
+        return f"{value:.{_DIGITS.get(column, 2)}f}"
     return str(value)
 
 

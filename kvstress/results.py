@@ -36,7 +36,7 @@ from .errors import KvstressError
 
 FORMAT = "kvstress-results"
 VERSION = 1
-KINDS = ("sweep", "ppl", "batch", "needle")
+KINDS = ("sweep", "ppl", "batch", "needle", "frontier")
 STATUSES = ("ok", "oom", "error")
 # A ppl record's "scope": which predictions its nll_mean, perplexity and tokens_scored cover
 # (see perplexity.py). "bucket": those whose context length lies in the bucket ending at its

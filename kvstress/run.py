@@ -6,7 +6,10 @@
       2. the text, then the model (the tokenizer first: a too-short text or a bad prompt
          fails before the weights load); the environment is in the file from step 1
       3. each method the file does not hold yet: in this process through the stream core,
-         or with --isolate in a child process (isolate.py)
+         or with --isolate in a child process (isolate.py); a method the model cannot run
+         is refused first (exit 2), and one that fails while it runs (an exception, a plugin's
+         included, or with --isolate a crash) is a failed point: the other methods still run
+         and the command exits with 3 once they did
       4. Ctrl-C or SIGTERM: everything measured is kept and RunInterrupted says how to resume
          (and which signal asked: the command exits with 130 or 143); during start-up a signal
          stops at once, while measuring after the current forward (control.StopRequest), and
@@ -19,7 +22,7 @@ text it needs, what it prepares from it, and what one method's measurement is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig
@@ -35,6 +38,7 @@ class Schedule:
     """One command's plan over the stream core. Subclasses set the config type and write run_method."""
 
     config_type: type[RunConfig]
+    length_option = "--lengths"  # the option that sets how much text the run reads, for advice
     random_weights_note = "random weights: speed and memory are faithful, quality numbers are not"
 
     def __init__(self, config: RunConfig, *, notify: Notify = lambda message: None):
@@ -49,7 +53,8 @@ class Schedule:
     def load_text(self, tokenizer):
         from .texts import load_text
 
-        return load_text(self.config.dataset, tokenizer, self.config.tokens_needed, book=self.book)
+        return load_text(self.config.dataset, tokenizer, self.config.tokens_needed, book=self.book,
+                         length_option=self.length_option)
 
     @property
     def book(self) -> int | str | None:
@@ -75,12 +80,18 @@ class Schedule:
         given the records of `spec`; None when it had recorded every point."""
         raise NotImplementedError
 
+    def saved(self, writer: ResultsWriter) -> str:
+        """What a stopped run has saved, for the line that says how to resume."""
+        count = len(writer.records)
+        return f"{count} record{'s' if count != 1 else ''}"
+
 
 @dataclass
 class RunResult:
     records: list[dict]
     events: list[dict]
     text: object  # texts.TextSource
+    failed: list[dict] = field(default_factory=list)  # this run's "error" records: the command exits with 3
 
 
 def open_results(config: RunConfig, device, notify: Notify = lambda message: None) -> ResultsWriter:
@@ -114,6 +125,7 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
             schedule.notify = notify
     writer = open_results(config, device, notify) if ranks is None else ranks.open_results(
         lambda: open_results(config, device, notify))
+    first_new = len(writer.records)  # what this run adds (a resumed file holds earlier records)
     try:
         with stop_on_interrupt() as stop:  # under the CLI, the one it installed before start-up
             with stop.at_once():  # nothing polls the stop until the first measured forward
@@ -141,6 +153,7 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
                 else:
                     harness = Harness(config, loaded.model, writer, pretrained=loaded.pretrained, progress=progress,
                                       stop_requested=stop, ranks=ranks)
+                    harness.check_methods(config.methods)
                     record_unavailable_measures(harness, writer)
                     for spec in config.methods:
                         if not schedule.is_done(spec, writer):
@@ -150,7 +163,7 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
                             report_failures(writer.records[written:], notify)
                             record_unavailable_measures(harness, writer)
     except (RunInterrupted, KeyboardInterrupt) as interrupted:  # StopNow is a KeyboardInterrupt
-        raise RunInterrupted(f"{len(writer.records)} records are saved in {config.out}; "
+        raise RunInterrupted(f"{schedule.saved(writer)} saved in {config.out}; "
                              f"continue with the same command plus --resume",
                              getattr(interrupted, "signum", None)) from None
     except BaseException:
@@ -158,11 +171,12 @@ def execute(schedule: Schedule, *, progress: Progress | None = None, loaded=None
             Path(config.out).unlink(missing_ok=True)  # nothing measured: nothing left to block the rerun
         raise
     writer.finish()
-    return RunResult(writer.records, writer.events, text)
+    return RunResult(writer.records, writer.events, text, failed=[r for r in writer.records[first_new:]
+                                                                  if r["status"] == "error"])
 
 
 def report_failures(records: list[dict], notify: Notify) -> None:
-    """One line for each point that ran out of memory or crashed."""
+    """One line for each point that ran out of memory or failed."""
     for record in records:
         if record["status"] != "ok":
             where = f"{record['length']} tokens" + (f", batch {record['batch_size']}" if record["batch_size"] != 1 else "")

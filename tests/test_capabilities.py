@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import kvstress.stream as stream_module
 from kvstress.caches.compiled import CompiledDecode
-from kvstress.cli import app
+from kvstress.cli import FAILED_EXIT, app
 from kvstress.isolate import CRASH_ENV
 from kvstress.models import load_model
 from kvstress.texts import TextError
@@ -91,7 +91,7 @@ def test_isolate_records_a_crashed_child_and_goes_on(tmp_path, text_file, monkey
     # Two methods (each child is a new interpreter): the crash, then one that must still run; the short
     # runs still go past the crash's 150 tokens.
     result = runner.invoke(app, args(command, text_file, out, "--isolate", *SHORTER[command], methods=METHODS[2:]))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == FAILED_EXIT, result.output  # a crash is a failed point: exit 3 once all ran
     doc = json.loads(out.read_text())
     by_method = {m: [r["status"] for r in doc["records"] if r["method"] == m] for m in ("streaming_4_48", "h2o_4_6_48")}
     assert "error" in by_method["streaming_4_48"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstress.distributed import launch_problem
+from kvstress.config import launch_problem
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -203,7 +203,7 @@ def _others(out: Path, text: Path) -> dict:
 
 
 def _failure(out: Path, rank: int, text: Path) -> dict:
-    """Rank 1 hits a bug (not out of memory) inside a forward, past the first point."""
+    """Rank 1 hits a bug (not out of memory) inside a forward of streaming_4_32, past the first point."""
     import contextlib
     import io
     import time
@@ -218,11 +218,11 @@ def _failure(out: Path, rank: int, text: Path) -> dict:
     at = {}
 
     def noted_forward(self, *args, **kwargs):
-        at["position"] = self.position
+        at["position"], at["method"] = self.position, self.spec.name
         return original_forward(self, *args, **kwargs)
 
     def attention(self, *args, **kwargs):
-        if rank == 1 and self.layer_idx == 1 and at.get("position", 0) > 160:
+        if rank == 1 and self.layer_idx == 1 and at.get("position", 0) > 160 and at["method"] == "streaming_4_32":
             raise ValueError("injected bug on rank 1")
         return original_attention(self, *args, **kwargs)
 
@@ -232,7 +232,7 @@ def _failure(out: Path, rank: int, text: Path) -> dict:
         with contextlib.redirect_stderr(stderr):
             code = typer.main.get_command(app).main(
                 ["sweep", "--model", "tiny-random", "--device", "cpu", "--dataset", str(text), "--lengths", "128,256",
-                 "--chunk", "64", "--decode-steps", "5", "--method", "streaming_4_32", "--tp", "2",
+                 "--chunk", "64", "--decode-steps", "5", "--method", "streaming_4_32,baseline", "--tp", "2",
                  "--out", str(out / "failure" / "results.json")], standalone_mode=False) or 0
     except Exception as error:
         raised = f"{type(error).__name__}: {error}"
@@ -383,19 +383,21 @@ def test_oom_inside_a_forward_on_one_rank_is_agreed_without_waiting(launched):
 
 
 @pytest.mark.slow  # torchrun launches (the module's one launch)
-def test_another_error_inside_a_forward_on_one_rank_stops_every_rank_at_once(launched):
+def test_another_error_inside_a_forward_on_one_rank_is_one_failed_point_on_every_rank(launched):
     """A bug on rank 1 inside the model's forward: rank 1 stands in for the collective rank 0
-    waits in, raises its error; rank 0 stops with one line naming it, long before the 60 s
-    collective timeout; the point measured before it is kept."""
+    waits in; every rank records the same failed point naming rank 1's error (long before the
+    60 s collective timeout), the next method runs on every rank, and both exit with 3."""
     out, ranks = launched
     zero, one = (seen["failure"] for seen in ranks)
-    assert one["raised"] == "ValueError: injected bug on rank 1" and one["exit"] is None, one
-    assert zero["exit"] == 2 and zero["raised"] is None, zero
-    assert "another rank failed in a forward of streaming_4_32 (rank 1: ValueError: injected bug on rank 1)" \
-        in zero["stderr"], zero["stderr"]
+    assert (zero["exit"], one["exit"]) == (3, 3) and zero["raised"] is one["raised"] is None, (zero, one)
+    assert "Traceback" not in zero["stderr"] + one["stderr"]
     assert zero["seconds"] < 30, zero
     doc = json.loads((out / "failure" / "results.json").read_text())
-    assert [(r["length"], r["status"]) for r in doc["records"]] == [(128, "ok")] and doc["complete"] is False
+    assert [(r["method"], r["length"], r["status"]) for r in doc["records"]] == [
+        ("streaming_4_32", 128, "ok"), ("streaming_4_32", 256, "error"), ("baseline", 128, "ok"),
+        ("baseline", 256, "ok")]
+    assert doc["records"][1]["error"].startswith("rank 1: ValueError: injected bug on rank 1 (at tests/test_distributed.py:")
+    assert doc["complete"] is True
 
 
 @pytest.mark.slow  # torchrun launches (the module's one launch)

@@ -358,3 +358,13 @@ def test_bundled_smollm2_finds_the_needle_with_the_full_cache(tmp_path):
     # Measured on a 2-core Xeon CPU, float32, seed 0: 6 of 6 exact (every answer " NNNNN.").
     # The bar sits just below that: at most one miss.
     assert exact >= 5, [a for c in cells for a in c["answers"]]
+
+
+def test_needle_prompts_are_unchanged_by_the_ruler_tasks(builder, haystack):
+    """--task needle (the default) builds the very prompts it built before --task existed: this
+    digest of numbers, offsets, positions and token ids was taken from that code (seed 7)."""
+    import hashlib
+
+    trials = make_trials(builder, haystack, [200, 300], [0.0, 50.0, 100.0], 3, seed=7)
+    data = json.dumps([[t.number, t.offset, t.needle_position, list(t.ids)] for ts in trials.values() for t in ts])
+    assert hashlib.sha256(data.encode()).hexdigest() == "bb7d967c6947cab50d8be3fa34311844e2b4e9f7477174f8737dae1af2b11cce"

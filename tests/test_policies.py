@@ -17,10 +17,10 @@ import torch
 from matplotlib.colors import to_rgb
 from test_caches import stream, token_ids, with_cache
 from transformers import DynamicCache, QuantizedCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvstress import make_cache
 from kvstress.caches import cache_bytes, cached_tokens, make_run_cache
-from kvstress.caches.base import apply_rotary
 from kvstress.plot import build_sweep_figure
 from kvstress.results import ResultsWriter, load_results
 from kvstress.spec import (
@@ -73,9 +73,9 @@ def test_size_flags_give_each_policy_its_defaults(name, flags, expected):
 
 def test_method_all_is_the_seed_experiment_and_lists_expand_in_order():
     assert all_methods() == ("baseline", "streaming", "h2o")
-    specs = method_specs(["tova", "all,knorm_2_6_0_24", "h2o", "quant_2_64"], capacity=128)
+    specs = method_specs(["tova", "all,knorm_2_6_0_128", "h2o", "quant_2_64"], capacity=128)
     assert [spec.name for spec in specs] == [
-        "tova_0_128", "baseline", "streaming_4_128", "h2o_4_16_128", "knorm_2_6_0_24", "quant_2_64"
+        "tova_0_128", "baseline", "streaming_4_128", "h2o_4_16_128", "knorm_2_6_0_128", "quant_2_64"
     ]
     assert [spec.name for spec in method_specs([])] == ["baseline", "streaming_4_256", "h2o_4_32_256"]
 
@@ -146,8 +146,8 @@ def test_tova_scores_a_chunk_by_its_last_query(model, spec, pooled):
     query = captured["query"].view(1, 30, 4, 16).transpose(1, 2)
     keys = captured["keys"].view(1, 30, 2, 16).transpose(1, 2)
     cos, sin = model.model.rotary_emb(keys, torch.arange(30).unsqueeze(0))
-    rotated_keys = apply_rotary(keys, cos.unsqueeze(1), sin.unsqueeze(1))
-    last_query = apply_rotary(query, cos.unsqueeze(1), sin.unsqueeze(1))[:, :, -1:]
+    last_query, rotated_keys = apply_rotary_pos_emb(query, keys, cos, sin)
+    last_query = last_query[:, :, -1:]
     # Each query head's attention, written out: [heads, keys].
     grouped_keys = rotated_keys.repeat_interleave(2, dim=1)
     attention_of = ((last_query @ grouped_keys.transpose(-1, -2)) * attention.scaling).softmax(dim=-1)[0, :, 0]

@@ -4,6 +4,7 @@ The hub corpora are read from folders laid out as their hub repositories are, th
 same datasets.load_dataset call as the hub; nothing here reaches the network.
 """
 
+import logging
 import time
 
 import datasets
@@ -378,9 +379,8 @@ def test_hub_script_repository_is_an_error_not_a_fallback(tokenizer, monkeypatch
 
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     monkeypatch.setattr(texts, "hub_unreachable_reason", lambda: None)
-    monkeypatch.setenv("KVSTRESS_PG19_PATH", "deepmind/pg19")
     with pytest.raises(TextError, match=r"^deepmind/pg19 holds a loading script \(pg19\.py\)"):
-        load_text(None, tokenizer, 10)
+        load_text(None, tokenizer, 10, hub_path="deepmind/pg19")
 
 
 def test_broken_local_copy_is_an_error_not_a_fallback(tmp_path, tokenizer):
@@ -492,3 +492,54 @@ def test_segments_need_enough_text():
 def test_segments_reject_nonsense_sizes():
     with pytest.raises(ValueError):
         text_segments(torch.arange(100), batch_size=0, length=10)
+
+
+@pytest.mark.parametrize("dataset", [None, "pg19"])
+def test_a_local_copy_variable_naming_no_folder_is_an_error_not_a_hub_lookup(tokenizer, monkeypatch, tmp_path,
+                                                                              load_dataset_calls, dataset):
+    missing = tmp_path / "pg19-tset"
+    monkeypatch.setenv("KVSTRESS_PG19_PATH", str(missing))
+    with pytest.raises(TextError, match=rf"^KVSTRESS_PG19_PATH={missing} names no folder \(.* does not exist\)"):
+        load_text(dataset, tokenizer, 10)  # without --dataset: no fallback to Shakespeare either
+    assert load_dataset_calls == []
+    monkeypatch.setenv("KVSTRESS_WIKITEXT_PATH", str(missing))
+    with pytest.raises(TextError, match=r"^KVSTRESS_WIKITEXT_PATH=.* names no folder"):
+        load_text("wikitext", tokenizer, 10)
+
+
+def test_a_title_part_in_several_titles_names_them(pg19_copy, tokenizer):
+    with pytest.raises(TextError, match=r"'the' is in 2 PG-19 titles \(0 \('The Short Preface'\), 2 \('Moby Dick; "
+                                        r"Or, The Whale'\)\): give the book's index or more of its title"):
+        load_text("pg19", tokenizer, 10, book="the", hub_path=str(pg19_copy))
+
+
+def test_a_title_given_whole_is_chosen_over_longer_titles_containing_it(tmp_path, tokenizer):
+    folder = tmp_path / "pg19"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"short_book_title": ["Emma Watson's Diary", "Emma"], "text": ["x " * 50, "y " * 50]}),
+                   folder / "data" / "test-0.parquet")
+    assert load_text("pg19", tokenizer, 10, book="EMMA", hub_path=str(folder)).books[0]["index"] == 1
+
+
+def test_too_short_text_advice_names_the_commands_own_option(pg19_copy, tokenizer):
+    with pytest.raises(TextError, match="only 3 PG-19 test books have 100 tokens but 4 were asked for: use fewer "
+                                        "--books or shorter --tokens"):
+        load_books(tokenizer, 100, 4, hub_path=str(pg19_copy), length_option="--tokens")
+    with pytest.raises(TextError, match="use shorter --length or a longer text"):
+        load_text("shakespeare", tokenizer, 10**8, length_option="--length")
+
+
+def test_an_unreadable_parquet_is_one_error_without_datasets_own_log_line(tmp_path, tokenizer):
+    folder = tmp_path / "pg19"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "test-0.parquet").write_text("not parquet")
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("datasets").addHandler(handler)  # beside datasets' own stderr handler
+    try:
+        with pytest.raises(TextError, match="cannot load pg19 from the local copy"):
+            load_text("pg19", tokenizer, 10, hub_path=str(folder))
+    finally:
+        logging.getLogger("datasets").removeHandler(handler)
+    assert not [line for line in logged if "Failed to read schema" in line]

@@ -15,7 +15,7 @@ layer's slots:
 
 Attention sees all n + q slots. Every layer sees the same tokens, so n, the count of
 tokens seen and when to evict belong to the cache, not to a layer. Right after the last
-layer's attention (a forward hook, see `hooks.py`) the cache evicts back to capacity in
+layer's attention kernel (transformers' attention interface, see `hooks.py`) the cache evicts back to capacity in
 every layer at once if the forward ran over: the policy ranks each (layer, sequence,
 head)'s slots with `eviction_priority()` (lowest goes first), and the survivors of the
 tail [capacity, n + q) are copied into the holes the victims left below `capacity`.
@@ -27,9 +27,13 @@ Positions (`positions="original"` or `"shifted"`):
   original  keys keep their absolute RoPE positions (the H2O paper); `get_seq_length`
             counts every token seen, so the model rotates new tokens at their
             absolute position.
-  shifted   positions inside the cache (the StreamingLLM paper): keys are stored
-            before rotation and rotated by their rank among the kept tokens on every
-            forward, and the query sits right after them.
+  shifted   positions inside the cache (the StreamingLLM paper): the query sits right
+            after the kept tokens, and each kept key is seen at its rank among them.
+            Keys are stored as the model rotated them (with its own rotary code,
+            whatever its variant) and, once evictions have closed gaps, turned on every
+            forward by the difference between the position they were rotated at and
+            the one they are seen at, again with the model's own rotary code; until
+            the first eviction that difference is zero and nothing is turned.
 """
 
 from __future__ import annotations
@@ -37,39 +41,40 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..errors import SpecError
+from ..errors import KvstressError, SpecError
 from ..policy import POSITION_MODES
+from .contract import choose_victims
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class UnsupportedModelError(KvstressError, ValueError):
+    """A model (or a position mode) the compressed caches cannot serve faithfully: the message
+    names the family, why, and what to run instead."""
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The Llama-family RoPE, written exactly as transformers writes it so results match bit for bit."""
-    return (x * cos) + (rotate_half(x) * sin)
+class _Handoff:
+    """The cache layer whose update() the model called last: that layer's attention kernel
+    comes next, and the attention interface (hooks.py) picks the layer up there. A model
+    runs its layers one after the other, so one slot is enough."""
+
+    layer: LinkedLayer | None = None
+
+
+HANDOFF = _Handoff()
 
 
 class LinkedLayer(CacheLayerMixin):
-    """What the attention hooks (hooks.py) hand every layer of a `CompressedCache`."""
+    """What the attention interface (hooks.py) hands every layer of a `CompressedCache`."""
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
     supports_early_init = False
-    wants_query = False  # whether the hooks should hand this layer the query
 
     def __init__(self, owner: CompressedCache, layer_idx: int):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
         self.shifted = owner.shifted
-        # Filled by the attention hooks for the current forward (see hooks.py).
-        self.query: torch.Tensor | None = None  # [batch, heads, q, head_dim], before RoPE
-        self.raw_keys: torch.Tensor | None = None  # [batch, kv_heads, q, head_dim], before RoPE
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin used for this forward's tokens
-        self.scaling: float | None = None
 
     @property
     def kept(self) -> int:
@@ -83,11 +88,30 @@ class LinkedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1  # streams without limit; capacity bounds what is held, not what is seen
 
+    def _hand_over(self) -> None:
+        """End of update(): the model's attention kernel for this layer comes next."""
+        waiting = HANDOFF.layer
+        if waiting is not None and waiting.owner is self.owner:
+            raise UnsupportedModelError(
+                f"the model ran layer {waiting.layer_idx}'s attention without transformers' attention interface, "
+                "where compressed caches see the queries: use baseline or quant_B_R with this model")
+        HANDOFF.layer = self
+
+    def before_attention(self, query: torch.Tensor, keys: torch.Tensor, mask, options: dict):
+        """Called by the attention interface (hooks.py) with what the kernel is about to get:
+        query [batch, heads, q, head_dim] as the model rotated it, the keys this layer's
+        update returned, the mask and the kernel's keyword arguments (scaling, softcap, s_aux).
+        Returns the mask the kernel is to use."""
+        if self.owner.whole_layers and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            # transformers builds one mask, from layer 0's sizes; whole and compressed
+            # layers hold different counts of tokens, so the other kind gets its own.
+            return self.owner.mask_for(mask, query.shape[2], keys.shape[2])
+        return mask
+
     def after_attention(self) -> None:
-        """The attention module has used the slots; after the model's last layer the cache evicts."""
+        """The kernel has used the slots; after the model's last layer the cache evicts."""
         if self.layer_idx == self.owner.num_layers - 1:
             self.owner.end_forward()
-        self.query = self.raw_keys = self.rope = None
 
 
 class WholeLayer(LinkedLayer):
@@ -97,8 +121,6 @@ class WholeLayer(LinkedLayer):
 
     def __init__(self, owner: CompressedCache, layer_idx: int):
         super().__init__(owner, layer_idx)
-        # The hooks hand layer 0 the query whatever its kind: the cache sizes its query buffer from it.
-        self.wants_query = owner.layer_class.wants_query
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
@@ -118,6 +140,7 @@ class WholeLayer(LinkedLayer):
         else:
             self.keys = torch.cat((self.keys, key_states), dim=2)
             self.values = torch.cat((self.values, value_states), dim=2)
+        self._hand_over()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -144,6 +167,8 @@ class FixedCapacityLayer(LinkedLayer):
     def __init__(self, owner: CompressedCache, layer_idx: int, stack_index: int):
         super().__init__(owner, layer_idx)
         self.stack_index = stack_index  # this layer's index in the cache's stacked buffers
+        # Shifted positions turn this layer's keys: not where the model gives it no rotary (NoPE layers).
+        self.turns = owner.shifted and layer_idx not in owner.rotary.unrotated_layers
         # This layer's slice of the cache's buffers ([batch, kv_heads, slots(, head_dim)]),
         # set when the cache allocates them.
         self.positions: torch.Tensor | None = None
@@ -187,17 +212,12 @@ class FixedCapacityLayer(LinkedLayer):
         elif owner.pending_total is None:
             raise RuntimeError("kvstress cache: layer 0 must be updated first in each forward")
         start, total = owner.kept, owner.pending_total
-        stored_keys = key_states
-        if self.shifted:
-            if self.raw_keys is None:
-                raise RuntimeError("shifted positions need the attention hooks: build the cache with make_cache")
-            stored_keys = self.raw_keys
-        self._view("keys", start, total).copy_(stored_keys)
+        self._view("keys", start, total).copy_(key_states)
         self._view("values", start, total).copy_(value_states)
         keys = self._view("keys", 0, total)
-        if self.shifted:
-            keys = self._rotate_by_rank(keys, self._view("positions", 0, total))
-        self.observe_attention(keys, start, total)
+        if self.turns and owner.evicted:
+            keys = self._turn_to_rank(keys, total)
+        self._hand_over()
         return keys, self._view("values", 0, total)
 
     def get_seq_length(self) -> int:
@@ -211,13 +231,13 @@ class FixedCapacityLayer(LinkedLayer):
 
     # -- per-layer work ------------------------------------------------------------
 
-    def _rotate_by_rank(self, raw_keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rank = positions.argsort(dim=-1).argsort(dim=-1)
-        cos, sin = self.owner.rope_table(int(rank.shape[-1]), raw_keys)
-        return apply_rotary(raw_keys, cos[rank], sin[rank])
-
-    def observe_attention(self, keys: torch.Tensor, start: int, total: int) -> None:
-        """Called with the keys attention will see; attention-scored policies score here (scored.py)."""
+    def _turn_to_rank(self, keys: torch.Tensor, total: int) -> torch.Tensor:
+        """Shifted mode: each key turned from the position the model rotated it at to its
+        rank among the kept tokens, offset as the model offsets this forward's first new
+        token from its slot (zero unless whole layers set the model's positions)."""
+        rank = self._view("positions", 0, total).argsort(dim=-1).argsort(dim=-1)
+        turn = rank + self.owner.rank_offset - self._view("rotated_at", 0, total)
+        return self.owner.rotary.turn(keys, turn)
 
     def kept_positions(self) -> torch.Tensor:
         """[batch, kv_heads, kept] absolute positions held, ascending."""
@@ -231,19 +251,6 @@ def _expand_index(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     if buffer.dim() == 3:
         return index
     return index.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
-
-
-def scaled_rotation(cos: torch.Tensor, sin: torch.Tensor, scaling: float) -> torch.Tensor:
-    """[batch, dim, dim] M with query @ M == apply_rotary(query, cos, sin) * scaling for one
-    query token per sequence (cos, sin [batch, 1, dim])."""
-    dim = cos.shape[-1]
-    half = dim // 2
-    # rotate_half(x) == x @ turn: column j < half takes -x[j + half], j >= half takes x[j - half].
-    turn = torch.zeros(dim, dim, dtype=cos.dtype, device=cos.device)
-    index = torch.arange(half, device=cos.device)
-    turn[index + half, index] = -1
-    turn[index, index + half] = 1
-    return (torch.diag_embed(cos[:, 0]) + turn * sin[:, 0].unsqueeze(1)) * scaling
 
 
 class CompressedCache(Cache):
@@ -269,8 +276,9 @@ class CompressedCache(Cache):
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}")
         if lazy < 0:
             raise ValueError(f"lazy eviction buffer must be 0 or more tokens, got {lazy}")
-        if positions == "shifted" and rotary_embedding is None:
-            raise ValueError("shifted positions need a model with rotary embeddings (a rotary_emb module)")
+        if positions == "shifted" and (rotary_embedding is None or rotary_embedding.refusal):
+            raise UnsupportedModelError(rotary_embedding.refusal if rotary_embedding is not None else
+                                        "shifted positions need the model's rotary embedding: use --positions original")
         if chunk < 1:
             raise ValueError(f"chunk room must be 1 or more tokens, got {chunk}")
         whole = getattr(spec.params, "full_layers", 0)
@@ -290,14 +298,14 @@ class CompressedCache(Cache):
         self.kept = 0  # n: slots holding tokens from earlier forwards, in every layer
         self.seen = 0  # tokens ever written, i.e. the next token's absolute position
         self.pending_total: int | None = None  # n + q while a forward is between its first update and eviction
+        self.evicted = False  # whether any token was ever evicted (shifted keys are turned from then on)
+        self.rank_offset = 0  # shifted mode: the model's position for this forward's first new token, less its slot
+        if self.shifted:  # the position each slot's key was rotated at moves with the slots
+            self.buffer_names = type(self).buffer_names + ("rotated_at",)
         self.buffers: dict[str, torch.Tensor] = {}
         # Views of the buffers, made once each (see cached_view), by what they show.
         self._views: dict[tuple, torch.Tensor] = {}
-        self._rotary_embedding = rotary_embedding
-        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Shifted mode's query RoPE, as every layer of a forward asks for it; holding the
-        # table keeps its identity from being reused while the memo is alive.
-        self._cache_positions_memo: tuple | None = None
+        self.rotary = rotary_embedding  # the model's own rotary code (hooks.Rotary), for shifted mode
         # Set by CompiledDecode while a compiled one-token step runs: the new token's
         # absolute position then comes from `next_position` instead of Python ints.
         self.in_graph = False
@@ -328,6 +336,7 @@ class CompressedCache(Cache):
             "keys": key_like.new_zeros(*shape, key_like.shape[-1]),
             "values": value_like.new_zeros(*shape, value_like.shape[-1]),
             "positions": torch.full(shape, -1, dtype=torch.long, device=key_like.device),
+            **({"rotated_at": torch.zeros(shape, dtype=torch.long, device=key_like.device)} if self.shifted else {}),
             **self._allocate_policy_buffers(shape, key_like),
         }
         for name, buffer in self.buffers.items():
@@ -391,6 +400,7 @@ class CompressedCache(Cache):
             buffer.fill_(-1 if name == "positions" else 0)
         self.kept = self.seen = 0
         self.pending_total = None
+        self.evicted = False
 
     # -- one forward ---------------------------------------------------------------
 
@@ -407,6 +417,12 @@ class CompressedCache(Cache):
             self._allocate(self.capacity + self.lazy + max(self.chunk, incoming), key_states, value_states)
         elif total > self.slots:
             self._allocate(total, key_states, value_states)
+        if self.shifted:
+            # Where the model rotates this forward's new tokens: layer 0's length plus their index.
+            first = self.layers[0].get_seq_length()
+            self.rank_offset = first - start
+            self._flat("rotated_at", start, total).copy_(
+                torch.arange(first, first + incoming, device=key_states.device))
         new_positions = self._flat("positions", start, total)
         if self.in_graph:
             # A compiled decode step reads the position from a tensor, so the graph does not
@@ -438,14 +454,10 @@ class CompressedCache(Cache):
         if total <= self.capacity + self.lazy:
             self.kept = total
             return
-        excess = total - self.capacity
-        priority = self.eviction_priority(total)
-        if excess == 1:
-            victims = priority.argmin(dim=-1, keepdim=True)
-        else:
-            victims = priority.topk(excess, dim=-1, largest=False, sorted=False).indices
-        self._compact(victims, total)
+        # The policy's priority is checked where it enters, sinks and window protected whatever it says.
+        self._compact(choose_victims(self, total), total)
         self.kept = self.capacity
+        self.evicted = True
 
     def _score_forward(self, total: int) -> None:
         """Work a policy does once per forward, for all layers, before eviction."""
@@ -453,6 +465,10 @@ class CompressedCache(Cache):
     def eviction_priority(self, total: int) -> torch.Tensor:
         """[layers * batch, kv_heads, total]: the lowest `total - capacity` slots are evicted."""
         raise NotImplementedError
+
+    def priority_hook(self) -> str:
+        """The hook whose output `eviction_priority` hands on, for a refusal to name."""
+        return "eviction_priority"
 
     def _compact(self, victims: torch.Tensor, total: int) -> None:
         """Move the tail's survivors into the victims' slots below capacity.
@@ -498,11 +514,10 @@ class CompressedCache(Cache):
     def reset(self) -> None:
         self.reset_buffers()
 
-    def mask_for(self, layer: LinkedLayer, mask: torch.Tensor, length: int) -> torch.Tensor:
-        """`layer`'s causal mask for this forward's `length` queries, given the one transformers
-        made ([batch, 1, q, keys], boolean or additive): the queries are the last `length` of
-        the layer's kept + length keys and see every key up to their own."""
-        keys = layer.kept + length
+    def mask_for(self, mask: torch.Tensor, length: int, keys: int) -> torch.Tensor:
+        """The causal mask of a layer attending with `length` queries over `keys` keys, given
+        the one transformers made ([batch, 1, q, keys], boolean or additive): the queries
+        are the last `length` keys and see every key up to their own."""
         if mask.shape[-1] == keys:
             return mask
         allowed = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril(keys - length)
@@ -510,30 +525,6 @@ class CompressedCache(Cache):
             allowed = torch.zeros(length, keys, dtype=mask.dtype, device=mask.device).masked_fill(
                 ~allowed, torch.finfo(mask.dtype).min)
         return allowed.expand(mask.shape[0], mask.shape[1], length, keys)
-
-    # -- RoPE ------------------------------------------------------------------------
-
-    def rope_table(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [length, head_dim] for positions 0..length-1 from the model's own rotary module."""
-        cached = self._rope_cache
-        if cached is None or cached[0].shape[0] < length or cached[0].dtype != like.dtype or cached[0].device != like.device:
-            size = max(length, 2 * (cached[0].shape[0] if cached is not None else 0))
-            position_ids = torch.arange(size, device=like.device).unsqueeze(0)
-            cos, sin = self._rotary_embedding(like, position_ids)
-            self._rope_cache = cached = (cos[0], sin[0])
-        return cached[0][:length], cached[1][:length]
-
-    def rope_in_cache(self, kept: int, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [1, length, head_dim] for positions kept..kept+length-1 (shifted mode's query),
-        the same tensors for every layer of a forward."""
-        table = self.rope_table(kept + length, like)
-        if self.in_graph:  # a compiled graph computes this once for all layers anyway
-            return table[0][kept:].unsqueeze(0), table[1][kept:].unsqueeze(0)
-        memo = self._cache_positions_memo
-        if memo is None or memo[0] is not self._rope_cache[0] or memo[1:3] != (kept, length):
-            rope = (table[0][kept:].unsqueeze(0), table[1][kept:].unsqueeze(0))
-            memo = self._cache_positions_memo = (self._rope_cache[0], kept, length, rope)
-        return memo[3]
 
     # -- diagnostics -------------------------------------------------------------------
 

@@ -1,59 +1,100 @@
-"""Links between a model's attention modules and the compressed caches it runs with.
+"""Links between a model and the compressed caches it runs with, through transformers' attention interface.
 
-transformers 5.x does not hand the cache the queries, nor the attention function the
-cache, so a compressed cache learns what it needs from forward hooks (the way kvpress
-does it), installed once per model and inert for any other cache:
+transformers 5.x hands a cache's update() the keys and values but never the queries,
+which attention-scored policies (H2O, TOVA) need. Every modern family runs its attention
+kernel through `ALL_ATTENTION_FUNCTIONS.get_interface(...)`, and hands it the queries as
+the model rotated them, the keys and values the cache's update() returned, the mask, the
+scaling and the family's own extras (softcap, attention sinks) — whatever the
+projections are called or however they are fused (Phi-3's qkv_proj, Falcon's
+query_key_value, GPT-NeoX). kvstress wraps that lookup once per process: the kernel the
+model asked for (SDPA, its own eager function, flash) is still the one that runs, and
+when a kvstress cache layer has just been updated (`base.HANDOFF`), the layer sees what
+the kernel is about to get first, and after the kernel the layer ends its part of the
+forward (after the last layer, the cache evicts in every layer at once). For any other
+cache the wrapper is one attribute read.
 
-  pre-hook on the attention module   finds the cache in the forward's kwargs, gives the
-                                     layer the RoPE cos/sin of this forward's tokens, and
-                                     in shifted mode replaces them with positions inside
-                                     the cache
-  hooks on q_proj / k_proj           hand the layer the query (H2O scores) and the keys
-                                     before rotation (shifted mode), at no extra matmul
-  hook after the attention module    ends the layer's part of the forward; after the last
-                                     layer the cache evicts back to capacity in every layer
+A forward pre-hook on the model itself (whatever its modules are called) starts each
+forward clean, and in shifted mode lets the model position the new tokens right after
+the kept ones (a caller such as generate() passes absolute position_ids).
 
-A cache with whole (uncompressed) layers beside compressed ones also gets each layer's
-causal mask from the pre-hook: transformers makes one per forward, for layer 0's count
-of cached tokens.
-
-The model's own attention (SDPA) runs unchanged.
+Which families can be served is decided from the config before anything runs: the
+layer types transformers' own DynamicCache would build (sliding-window, chunked and
+recurrent layers are refused by name), and for shifted positions, the model's own
+rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import get_layer_types_and_kwargs
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from ..errors import KvstressError
+from .base import HANDOFF, CompressedCache, UnsupportedModelError
 
 _LINKS_ATTRIBUTE = "_kvstress_attention_links"
 
-
-class UnsupportedModelError(KvstressError, ValueError):
-    """The model's attention is not the Llama-style attention the compressed caches hook into."""
+# Layer types that hold a recurrent state (Mamba, linear attention, convolutions), not tokens.
+_RECURRENT = ("mamba", "conv", "linear_attention", "hybrid", "hybrid_sliding", "recurrent", "rwkv")
+# Rotary types whose frequencies depend on how long the sequence is: a key cannot be turned
+# from one position to another with one table.
+_LENGTH_DEPENDENT_ROPE = ("dynamic",)
 
 
 @dataclass
-class _AttentionLink:
-    """What one attention module's hooks share during a forward."""
+class Rotary:
+    """The model's own rotary code, which shifted positions use to move cached keys.
 
-    layer_idx: int
-    head_dim: int
-    scaling: float
-    active_cache: object | None = None
+    A key the model rotated at position p becomes the key at position p + d by the
+    model's rotation by d, for every rotary layout (rotate-half, interleaved, partial):
+    each is a set of planar rotations by angles proportional to the position.
+    """
+
+    embedding: nn.Module | None  # cos, sin = embedding(x, position_ids)
+    apply: Callable | None  # the modeling file's apply_rotary_pos_emb(q, k, cos, sin)
+    unrotated_layers: frozenset[int]  # layers the model gives no rotary (SmolLM3's NoPE layers)
+    refusal: str | None  # why shifted positions are refused for this model, else None
+
+    def __post_init__(self):
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def turn(self, keys: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        """keys [batch, heads, n, dim] rotated as the model rotates them, each rotated by
+        `by` [batch, heads, n] positions more, with the model's own apply_rotary_pos_emb."""
+        span = int(by.abs().max())
+        cos, sin = self._cos_sin(span, keys)
+        batch, heads, n, dim = keys.shape
+        flat = keys.reshape(batch * heads, 1, n, dim)  # the model's function broadcasts cos over dim 1
+        index = (by + cos.shape[0] // 2).view(batch * heads, n)
+        # The function rotates a query and a key; the keys go in as both.
+        _, turned = self.apply(flat, flat, cos[index], sin[index])
+        return turned.view(batch, heads, n, dim)
+
+    def _cos_sin(self, span: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [2 * size + 1, rotary_dim] for positions -size..size (size >= span), from
+        the model's rotary module; kept and doubled as needed, so a step rarely builds one."""
+        table = self._table
+        if table is None or table[0].shape[0] // 2 < span or table[0].dtype != like.dtype or table[0].device != like.device:
+            size = max(span, table[0].shape[0] if table is not None else 64)
+            positions = torch.arange(-size, size + 1, device=like.device).unsqueeze(0)
+            cos, sin = self.embedding(like, positions)
+            # YaRN and LongRoPE scale cos and sin by an attention factor the model applies once,
+            # at the first rotation: a turn must not apply it again.
+            factor = getattr(self.embedding, "attention_scaling", 1.0)
+            self._table = table = (cos[0] / factor, sin[0] / factor) if factor != 1.0 else (cos[0], sin[0])
+        return table
 
 
 @dataclass
 class AttentionLinks:
-    rotary_embedding: nn.Module | None
-    links: list[_AttentionLink] = field(default_factory=list)
+    """What caches need to know about a model: its attention layers and its rotary code."""
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.links)
+    num_layers: int
+    rotary_embedding: Rotary
 
 
 def _cache_from(kwargs: dict):
@@ -61,104 +102,130 @@ def _cache_from(kwargs: dict):
     return kwargs.get("past_key_values") if cache is None else cache
 
 
-def _split_heads(projection: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[batch, q, heads * head_dim] (or [batch, q, heads, head_dim]) → [batch, heads, q, head_dim]."""
-    batch, length = projection.shape[:2]
-    return projection.reshape(batch, length, -1, head_dim).transpose(1, 2)
-
-
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The Llama-style attention modules of `model` (those with q_proj, k_proj and a layer_idx)."""
-    return [
-        module
-        for module in model.modules()
-        if hasattr(module, "layer_idx") and hasattr(module, "q_proj") and hasattr(module, "k_proj")
-    ]
+    """The model's attention modules: those holding a layer index whose class is an attention
+    (whatever their projections are called), outermost only."""
+    found = [module for module in model.modules()
+             if hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention")]
+    inner = {id(sub) for module in found for sub in module.modules() if sub is not module}
+    return [module for module in found if id(module) not in inner]
 
 
-def _rotary_module(model: nn.Module) -> nn.Module | None:
-    for name, module in model.named_modules():
-        if name.endswith("rotary_emb"):
-            return module
+# -- the attention interface -------------------------------------------------------------------
+
+_WRAPPED: dict[Callable, Callable] = {}
+
+
+def _linked(kernel: Callable) -> Callable:
+    """`kernel` (the attention function a model looked up), run as is, with the kvstress
+    layer updated just before it (if any) seeing its inputs first and told when it is done."""
+    wrapped = _WRAPPED.get(kernel)
+    if wrapped is None:
+        def wrapped(module, query, key, value, attention_mask, *args, **kwargs):
+            layer = HANDOFF.layer
+            if layer is None or getattr(module, "layer_idx", layer.layer_idx) != layer.layer_idx:
+                return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+            HANDOFF.layer = None
+            attention_mask = layer.before_attention(query, key, attention_mask, kwargs)
+            output = kernel(module, query, key, value, attention_mask, *args, **kwargs)
+            layer.after_attention()
+            return output
+
+        wrapped = _WRAPPED[kernel] = wrapped
+    return wrapped
+
+
+_plain_get_interface = AttentionInterface.get_interface
+
+
+def _get_interface(self, attn_implementation: str, default: Callable) -> Callable:
+    return _linked(_plain_get_interface(self, attn_implementation, default))
+
+
+def _install_interface() -> None:
+    """Once per process: the models' lookup of their attention kernel returns it linked."""
+    if ALL_ATTENTION_FUNCTIONS.get_interface.__func__ is not _get_interface:
+        AttentionInterface.get_interface = _get_interface
+
+
+# -- which models ------------------------------------------------------------------------------
+
+
+def _refusal(model: nn.Module, config) -> str | None:
+    """Why compressed caches cannot serve `model` faithfully, or None."""
+    name = type(model).__name__
+    baseline = "use baseline (the full cache) with this model"
+    state_layers = [kind for kind in _layer_types(config) if kind in _RECURRENT]
+    if (state_layers or getattr(config, "state_size", None) or getattr(config, "ssm_state_size", None)
+            or getattr(config, "mamba_d_state", None)):
+        return (f"{name} keeps a recurrent state (Mamba / linear-attention layers), which is not a token cache: "
+                f"compressed caches cannot evict from it; {baseline}")
+    if not attention_modules(model):
+        return f"{name} has no attention layers that transformers' attention interface runs; {baseline}"
+    kinds = set(_layer_types(config))
+    if kinds & {"sliding_attention", "chunked_attention"}:
+        which = "chunked-attention" if "chunked_attention" in kinds else "sliding-window"
+        window = "" if kinds - {"sliding_attention", "chunked_attention"} else " (set on every layer)"
+        return (f"{name} has {which} attention layers{window}, which the model bounds itself and compressed caches "
+                f"do not yet combine with: {baseline}, or a config without the window")
+    if kinds - {"full_attention"}:
+        others = ", ".join(sorted(kinds - {"full_attention"}))
+        return f"{name} has layers of type {others}, which compressed caches do not serve: {baseline}"
+    if getattr(config, "alibi", False):
+        return (f"{name} uses ALiBi position biases, which follow the slots rather than the tokens kept: "
+                f"{baseline}, or a config with rotary embeddings")
     return None
 
 
+def _layer_types(config) -> list[str]:
+    """The kind of each layer, as transformers' DynamicCache reads it from the config."""
+    return get_layer_types_and_kwargs(config)[0]
+
+
+def _rotary(model: nn.Module, config) -> Rotary:
+    """The model's own rotary embedding and rotation, or why shifted positions are refused."""
+    name = type(model).__name__
+    embeddings = [module for module in model.modules() if type(module).__name__.endswith("RotaryEmbedding")]
+    apply = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
+    no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3, Llama 4: 1 where a layer has rotary
+    unrotated = frozenset(index for index, rotated in enumerate(no_rope or []) if not rotated)
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    refusal = None
+    why_not = None
+    if not embeddings or apply is None:
+        why_not = "has no rotary embedding that kvstress can call"
+    elif len(embeddings) > 1:
+        why_not = "has several rotary embeddings"
+    elif rope_type in _LENGTH_DEPENDENT_ROPE:
+        why_not = f"uses {rope_type} rotary scaling, whose frequencies change with the length"
+    if why_not:
+        refusal = (f"{name} {why_not}: shifted positions re-rotate cached keys with the model's own rotary code; "
+                   "use --positions original")
+    return Rotary(embeddings[0] if embeddings and not why_not else None, apply, unrotated, refusal)
+
+
 def attach(model: nn.Module) -> AttentionLinks:
-    """Install the hooks on `model` once and return what caches need to know about it."""
+    """Link `model` to kvstress's caches once and return what caches need to know about it."""
     existing = getattr(model, _LINKS_ATTRIBUTE, None)
     if existing is not None:
         return existing
-    from .base import CompressedCache  # the hooks only act for kvstress's own caches
+    config = model.config.get_text_config(decoder=True)
+    refusal = _refusal(model, config)
+    if refusal:
+        raise UnsupportedModelError(refusal)
+    _install_interface()
+    links = AttentionLinks(num_layers=config.num_hidden_layers, rotary_embedding=_rotary(model, config))
 
-    modules = attention_modules(model)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    expected = getattr(config, "num_hidden_layers", None)
-    if not modules or (expected is not None and len(modules) != expected):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no Llama-style attention (q_proj/k_proj with a layer_idx) in every "
-            "layer: compressed caches support Llama, Qwen2, Mistral and similar decoder-only models"
-        )
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        layer_types = getattr(config, "layer_types", None) or []
-        if any(kind != "full_attention" for kind in layer_types):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} uses sliding-window attention layers, which compressed caches do not support"
-            )
-    links = AttentionLinks(rotary_embedding=_rotary_module(model))
-
-    for module in sorted(modules, key=lambda m: m.layer_idx):
-        link = _AttentionLink(
-            layer_idx=module.layer_idx,
-            head_dim=module.head_dim,
-            scaling=float(getattr(module, "scaling", module.head_dim**-0.5)),
-        )
-        links.links.append(link)
-
-        def before_attention(module, args, kwargs, link=link):
-            cache = _cache_from(kwargs)
-            if not isinstance(cache, CompressedCache):
-                link.active_cache = None
-                return None
-            link.active_cache = cache
-            layer = cache.layers[link.layer_idx]
-            layer.scaling = link.scaling
-            rope = kwargs.get("position_embeddings")
-            if layer.shifted:
-                hidden_states = args[0] if args else kwargs["hidden_states"]
-                length = hidden_states.shape[1]
-                rope = cache.rope_in_cache(layer.kept, length, hidden_states)
-                kwargs["position_embeddings"] = rope
-            layer.rope = rope
-            mask = kwargs.get("attention_mask")
-            if cache.whole_layers and isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                # transformers builds one mask, from layer 0's sizes; whole and compressed
-                # layers hold different counts of tokens, so the other kind gets its own.
-                length = (args[0] if args else kwargs["hidden_states"]).shape[1]
-                kwargs["attention_mask"] = cache.mask_for(layer, mask, length)
+    def before_forward(module, args, kwargs):
+        # A forward that failed half-way (out of memory) must not leave its last layer waiting.
+        HANDOFF.layer = None
+        cache = _cache_from(kwargs)
+        if isinstance(cache, CompressedCache) and cache.shifted and kwargs.get("position_ids") is not None:
+            # Positions inside the cache: the model counts them from the cache's length.
+            kwargs["position_ids"] = None
             return args, kwargs
+        return None
 
-        def after_attention(module, args, kwargs, output, link=link):
-            if link.active_cache is not None:
-                link.active_cache.layers[link.layer_idx].after_attention()
-                link.active_cache = None
-
-        def capture_query(module, args, output, link=link):
-            if link.active_cache is not None:
-                layer = link.active_cache.layers[link.layer_idx]
-                if layer.wants_query:
-                    layer.query = _split_heads(output, link.head_dim)
-
-        def capture_keys(module, args, output, link=link):
-            if link.active_cache is not None:
-                layer = link.active_cache.layers[link.layer_idx]
-                if layer.shifted:
-                    layer.raw_keys = _split_heads(output, link.head_dim)
-
-        module.register_forward_pre_hook(before_attention, with_kwargs=True)
-        module.register_forward_hook(after_attention, with_kwargs=True)
-        # Models that normalise q/k per head (Qwen3, OLMo2) do it after the projection.
-        (getattr(module, "q_norm", None) or module.q_proj).register_forward_hook(capture_query)
-        (getattr(module, "k_norm", None) or module.k_proj).register_forward_hook(capture_keys)
-
+    model.register_forward_pre_hook(before_forward, with_kwargs=True)
     setattr(model, _LINKS_ATTRIBUTE, links)
     return links

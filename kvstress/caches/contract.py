@@ -1,0 +1,149 @@
+"""What a policy hands a `CompressedCache`, checked where it enters, and what the base protects.
+
+A policy's `eviction_priority(total)` (or, for a `ScoredCache`, the scores its
+`update_scores` / `_score_forward` write, which ScoredCache's `eviction_priority` returns)
+must be
+
+    a torch.Tensor of shape [layers * batch, kv_heads, total]: one priority per slot
+    0..total-1 of every compressed layer, sequence and KV head (the layout of
+    `cache._flat("positions", 0, total)`), on the cache's device, of a floating-point
+    or integer dtype. The lowest `total - capacity` of each row are evicted.
+
+Values (floating point): finite numbers or +inf, which keeps a slot while any other
+ranks lower. NaN is refused: it has no order (argmin takes it first, topk last), so
+it would evict arbitrary tokens. -inf is refused: it is what a score that lost its
+value becomes (log 0, a float16 overflow), never a deliberate ranking; a policy that
+wants a slot gone first gives it its lowest finite score.
+
+Whatever the priority says, the base protects the policy's declared sizes (`sink`,
+`window`): the sinks are never candidates, and the `window` most recent tokens rank
+above every candidate, +inf included. The priority's values at protected slots are not
+read, so they are neither refused nor obeyed.
+
+A refusal is a PolicyError: one line naming the policy, the hook, the shape expected
+and what came instead. A run records it as the method's failed point and goes on.
+
+Cost per eviction (every decode step once the cache is full): the form check reads a
+few attributes; the value check, on floating-point priorities only, is one reduction
+over the candidates and one read of its scalar (a host synchronisation on CUDA). Inside
+a compiled decode graph nothing can raise, so values are checked on the eager forwards
+only (prefill chunks and filling up); the form is checked when the graph is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..errors import PolicyError
+
+# Dtypes argmin and topk rank on every device.
+_RANKABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                       torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
+def choose_victims(cache, total: int) -> torch.Tensor:
+    """[layers * batch, kv_heads, total - capacity] slots to evict: the lowest priorities
+    among the slots that are neither sinks nor in the recent window."""
+    priority = cache.eviction_priority(total)
+    positions = cache._flat("positions", 0, total)
+    _check_form(cache, priority, positions)
+    sink, excess = cache.sink, total - cache.capacity
+    # The sinks are the first tokens written and are never evicted, so they hold slots
+    # [0, sink) for good: leaving those slots out protects them at no cost.
+    candidates = priority[..., sink:] if sink else priority
+    recent = None
+    if cache.window:
+        recent = cache._flat("positions", sink, total) >= cache.seen_after_update() - cache.window
+    if excess == 1 and not cache.in_graph:
+        # The decode step's eviction: the victims' own values are read back, not every
+        # candidate's. argmin takes a NaN or a -inf first, so they show among them, and
+        # a victim at the protected slots' value is a tie that may have taken a recent token.
+        values, victims = _protected(candidates, recent, strict=False).min(dim=-1, keepdim=True)
+        if not _suspect(values, recent is not None):
+            return victims.add_(sink) if sink else victims
+    # A chunk's eviction, a suspect step, or a compiled graph (which reads nothing back):
+    # the window strictly above every candidate, every candidate checked (topk ranks NaN
+    # last, where the victims' values would not show it).
+    ranked = _protected(candidates, recent, strict=True)
+    if ranked.is_floating_point() and not cache.in_graph:
+        _check_values(cache, ranked, positions)
+    if excess == 1:
+        victims = ranked.argmin(dim=-1, keepdim=True)
+    else:
+        victims = ranked.topk(excess, dim=-1, largest=False, sorted=False).indices
+    return victims.add_(sink) if sink else victims
+
+
+def _protected(candidates: torch.Tensor, recent: torch.Tensor | None, *, strict: bool) -> torch.Tensor:
+    """The candidates with the recent window at the dtype's top value (+inf), out of place:
+    for a ScoredCache the priority is its score buffer. `strict` steps candidates already at
+    the top just below it, so that no tie can rank one with the window."""
+    if recent is None:
+        return candidates
+    below, top = _ranks(candidates.dtype)
+    if strict:
+        return candidates.clamp_max(below).masked_fill_(recent, top)
+    return candidates.masked_fill(recent, top)
+
+
+def _suspect(values: torch.Tensor, protecting: bool) -> bool:
+    """Whether the victims' values [rows, kv_heads, 1] hold NaN, -inf or, under protection, the top value."""
+    if values.is_floating_point():
+        # One read: the sum is finite unless a value is NaN or infinite (or the sum overflows,
+        # which only costs the careful path).
+        return not math.isfinite(values.sum().item())
+    return protecting and values.amax().item() == _ranks(values.dtype)[1]
+
+
+@functools.cache
+def _ranks(dtype: torch.dtype) -> tuple[float | int, float | int]:
+    """(the highest value a candidate keeps under strict protection, the protected slots' value) for `dtype`."""
+    if dtype.is_floating_point:
+        return torch.finfo(dtype).max, math.inf
+    top = torch.iinfo(dtype).max
+    return top - 1, top
+
+
+def _check_form(cache, priority, positions: torch.Tensor) -> None:
+    if (isinstance(priority, torch.Tensor) and priority.shape == positions.shape
+            and priority.device == positions.device and priority.dtype in _RANKABLE):
+        return
+    expected = _expected(positions)
+    if not isinstance(priority, torch.Tensor):
+        raise PolicyError(f"{_source(cache)} returned {type(priority).__name__}, expected a tensor of shape {expected}: "
+                          f"return one priority per slot, lowest evicted first")
+    got = f"shape {list(priority.shape)} ({str(priority.dtype).removeprefix('torch.')} on {priority.device})"
+    if priority.shape != positions.shape:
+        fix = "return one priority per slot of every layer, sequence and KV head, lowest evicted first"
+    elif priority.device != positions.device:
+        fix = f"compute it on the cache's device, {positions.device}"
+    else:
+        fix = "return a floating-point or integer tensor, which argmin and topk rank: cast it, e.g. .float()"
+    raise PolicyError(f"{_source(cache)} returned {got}, expected shape {expected} on {positions.device}: {fix}")
+
+
+def _check_values(cache, candidates: torch.Tensor, positions: torch.Tensor) -> None:
+    # amin propagates NaN and is -inf when any candidate is: one reduction and one read
+    # tell both, where isnan().any() and isneginf().any() would take four ops.
+    lowest = candidates.amin().item()
+    if not (math.isnan(lowest) or lowest == -math.inf):
+        return
+    nan, negative = candidates.isnan(), candidates.isneginf()
+    kind = "NaN" if nan.any() else "-inf"
+    count = int((nan if kind == "NaN" else negative).sum())
+    raise PolicyError(f"{_source(cache)} gave {kind} to {count} slots it may evict "
+                      f"(shape {_expected(positions)}): give every slot a number, lowest evicted first; "
+                      f"+inf keeps a slot, NaN and -inf are refused")
+
+
+def _expected(positions: torch.Tensor) -> str:
+    rows, heads, total = positions.shape
+    return f"[layers × batch, kv_heads, total] = {[rows, heads, total]}"
+
+
+def _source(cache) -> str:
+    """'policy NAME (SPEC): HOOK' — the hook whose output was refused."""
+    return f"policy {cache.spec.method} ({cache.spec.name}): {cache.priority_hook()}"
