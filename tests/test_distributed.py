@@ -211,22 +211,19 @@ def _failure(out: Path, rank: int, text: Path) -> dict:
     import typer
     from transformers.models.llama import modeling_llama
 
-    from kvstress import stream
     from kvstress.cli import app
 
-    original_attention, original_forward = modeling_llama.LlamaAttention.forward, stream.Stream._forward
-    at = {}
-
-    def noted_forward(self, *args, **kwargs):
-        at["position"], at["method"] = self.position, self.spec.name
-        return original_forward(self, *args, **kwargs)
+    original_attention = modeling_llama.LlamaAttention.forward
 
     def attention(self, *args, **kwargs):
-        if rank == 1 and self.layer_idx == 1 and at.get("position", 0) > 160 and at["method"] == "streaming_4_32":
+        # The method's own cache (past_key_values in earlier 5.x releases), whose tokens seen tell where it is.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        spec = getattr(cache, "spec", None)
+        if rank == 1 and self.layer_idx == 1 and spec is not None and spec.name == "streaming_4_32" and cache.seen > 160:
             raise ValueError("injected bug on rank 1")
         return original_attention(self, *args, **kwargs)
 
-    stream.Stream._forward, modeling_llama.LlamaAttention.forward = noted_forward, attention
+    modeling_llama.LlamaAttention.forward = attention
     began, stderr, raised, code = time.monotonic(), io.StringIO(), None, None
     try:
         with contextlib.redirect_stderr(stderr):
@@ -237,7 +234,7 @@ def _failure(out: Path, rank: int, text: Path) -> dict:
     except Exception as error:
         raised = f"{type(error).__name__}: {error}"
     finally:
-        stream.Stream._forward, modeling_llama.LlamaAttention.forward = original_forward, original_attention
+        modeling_llama.LlamaAttention.forward = original_attention
     return {"exit": code, "raised": raised, "seconds": time.monotonic() - began, "stderr": stderr.getvalue()}
 
 
