@@ -20,9 +20,12 @@ import time
 import torch
 from transformers import DynamicCache
 
+from kvstress.caches.base import HANDOFF
 from kvstress.caches.h2o import H2OCache
 from kvstress.caches.streaming import StreamingCache
 from kvstress.spec import parse_spec
+
+FILL_CHUNK = 1024  # tokens per forward while filling the cache up to the context
 
 
 def synchronize(device):
@@ -60,33 +63,30 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = (1, args.kv_heads, 1, args.head_dim)
     query = torch.randn(1, args.heads, 1, args.head_dim, device=device, dtype=dtype)
-    rope = (torch.ones(1, 1, args.head_dim, device=device, dtype=dtype),
-            torch.zeros(1, 1, args.head_dim, device=device, dtype=dtype))
     new_key = torch.randn(shape, device=device, dtype=dtype)
     new_value = torch.randn(shape, device=device, dtype=dtype)
+    kernel_options = {"scaling": args.head_dim**-0.5}
+
+    def forward(cache, query, key, value):
+        """Each layer as the model drives it (hooks.py): update(), then what its attention
+        kernel is about to get, then the kernel done (the last layer's evicts)."""
+        for layer in cache.layers:
+            keys, _ = layer.update(key, value)
+            HANDOFF.layer = None  # the attention interface picks the layer up
+            layer.before_attention(query, keys, None, kernel_options)
+            layer.after_attention()
 
     def compressed(cache_class, spec):
-        cache = cache_class(parse_spec(spec), num_layers=args.layers, rotary_embedding=None)
-        for layer in cache.layers:
-            layer.scaling = args.head_dim**-0.5
-
-        def step():
-            for layer in cache.layers:
-                layer.query, layer.rope = query, rope
-                layer.update(new_key, new_value)
-                layer.after_attention()
+        # Room for the fill's chunks, so that the timed steps never reallocate.
+        cache = cache_class(parse_spec(spec), num_layers=args.layers, rotary_embedding=None, chunk=FILL_CHUNK)
 
         # Fill to the context length in large chunks (not timed).
-        chunk = 1024
-        for start in range(0, args.context, chunk):
-            n = min(chunk, args.context - start)
-            for layer in cache.layers:
-                layer.query = torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype)
-                layer.rope = (rope[0].expand(1, n, -1), rope[1].expand(1, n, -1))
-                layer.update(torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype),
-                             torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype))
-                layer.after_attention()
-        return step
+        for start in range(0, args.context, FILL_CHUNK):
+            n = min(FILL_CHUNK, args.context - start)
+            forward(cache, torch.randn(1, args.heads, n, args.head_dim, device=device, dtype=dtype),
+                    torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype),
+                    torch.randn(1, args.kv_heads, n, args.head_dim, device=device, dtype=dtype))
+        return lambda: forward(cache, query, new_key, new_value)
 
     def full():
         cache = DynamicCache()

@@ -9,11 +9,14 @@ Accepted names (see ``describe_model_names``):
                            memory do not depend on weight values); also random:<config.json>
     tiny-random            a two-layer GQA Llama for tests; loads in milliseconds
 
-Every model uses SDPA attention: eager attention materialises length² scores and is never
-acceptable for long prefill. Every failure a user can cause becomes a ``ModelLoadError``
-whose one-line message names the fix: among them the hub's answers (a gated model without
-access, no token, a typo'd id, a repository that is not a transformers causal LM) and a
-model whose weights alone do not fit in the device's free memory, refused before loading.
+Every model uses SDPA attention wherever its family has it: eager attention materialises
+length² scores and is never acceptable for long prefill; a family without SDPA (Gemma 2 and
+GPT-OSS, whose logits are softcapped or meet learned sinks) gets its eager attention.
+
+Every failure a user can cause becomes a ``ModelLoadError`` whose one-line message names
+the fix: among them the hub's answers (a gated model without access, no token, a typo'd
+id, a repository that is not a transformers causal LM) and a model whose weights alone do
+not fit in the device's free memory, refused before loading.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import ConfigError, KvstressError, first_line
 from .sizes import format_bytes
@@ -109,13 +112,17 @@ RANDOM_PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
 }
 
 
+# Decoders whose config has an `is_decoder` field (False by default) that their model ignores.
+_CAUSAL_WHATEVER_IS_DECODER = ("gpt_neox", "gpt_neox_japanese")
+
+
 class ModelLoadError(KvstressError):
     """A model or tokenizer that cannot be loaded; the message is one line naming the fix."""
 
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel  # eval mode, on the device, attn_implementation="sdpa"
+    model: PreTrainedModel  # eval mode, on the device, SDPA attention where the family has it
     tokenizer: Any  # a transformers tokenizer or a ByteTokenizer; use tokenize_text()
     name: str  # what the user asked for
     source: str  # where the weights came from, for people reading results
@@ -306,7 +313,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int =
         # float32 on the host first; the same seed on the same device gives the same weights.
         with torch.device(torch_device):
             model = AutoModelForCausalLM.from_config(
-                config, dtype=torch_dtype, attn_implementation="sdpa"
+                config, dtype=torch_dtype, attn_implementation=attention_implementation(config)
             )
         return _finish(model, ByteTokenizer(), name, f"{what}, random weights, seed {seed}", False)
 
@@ -330,7 +337,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int =
     _require_fits(name, config, torch_device, torch_dtype)
     with _load_errors(name, offline_reason):
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-    model = _pretrained_model(name, location, torch_device, torch_dtype, offline_reason)
+    model = _pretrained_model(name, location, torch_device, torch_dtype, offline_reason,
+                              attention=attention_implementation(config))
     if Path(location).is_dir():
         source = f"local folder {Path(location).resolve()}"
     elif local_only:
@@ -400,13 +408,19 @@ def _byte_token_ids(config: PretrainedConfig) -> None:
     config.pad_token_id = ByteTokenizer.pad_token_id
 
 
+def attention_implementation(config: PretrainedConfig) -> str:
+    """The attention a model of `config` is loaded with: SDPA where its family has it, else eager."""
+    return "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
+
+
 def _require_causal_lm(name: str, config: PretrainedConfig) -> None:
-    # Encoder models such as BERT have a causal-LM head class in transformers, but
-    # only work as decoders when their config says so.
+    # Encoder models such as BERT have a causal-LM head class in transformers, but only work
+    # as decoders when their config says so. GPT-NeoX's config carries the same flag (False
+    # by default), which its model, causal whatever it says, never reads.
     if (
         config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         or getattr(config, "is_encoder_decoder", False)
-        or getattr(config, "is_decoder", None) is False
+        or (getattr(config, "is_decoder", None) is False and config.model_type not in _CAUSAL_WHATEVER_IS_DECODER)
     ):
         raise ModelLoadError(
             f"{name} ({config.model_type}) is not a causal language model: use a decoder-only "
@@ -587,12 +601,12 @@ def _hub_error_message(name: str, err) -> str:
     )
 
 
-def _pretrained_model(name, location, device, dtype, offline_reason=None) -> PreTrainedModel:
+def _pretrained_model(name, location, device, dtype, offline_reason=None, attention="sdpa") -> PreTrainedModel:
     with _load_errors(name, offline_reason):
         return AutoModelForCausalLM.from_pretrained(
             location,
             dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=attention,
             device_map=device,  # weights go straight to the device, not via host memory
             local_files_only=offline_reason is not None,
         )
@@ -698,7 +712,8 @@ def load_sharded(name: str, device: torch.device, dtype: str, seed: int, ranks) 
         if local_first:
             Path(temporary).mkdir(parents=True, exist_ok=True)
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                     attn_implementation=attention_implementation(config))
             model.save_pretrained(temporary)
             del model
         source = f"{what}, random weights, seed {seed} (built on CPU)"
@@ -708,7 +723,8 @@ def load_sharded(name: str, device: torch.device, dtype: str, seed: int, ranks) 
             _converted_bundled_model()  # converted once per host, before the others read it
         ranks.barrier("converting the bundled model")
         location, _ = _converted_bundled_model()
-        _require_fits_sharded(name, AutoConfig.from_pretrained(location), device, torch_dtype, ranks)
+        config = AutoConfig.from_pretrained(location)
+        _require_fits_sharded(name, config, device, torch_dtype, ranks)
         source = f"bundled {BUNDLED_GGUF}, dequantized to float32 (cached at {location})"
         tokenizer = AutoTokenizer.from_pretrained(location)
     else:
@@ -724,7 +740,7 @@ def load_sharded(name: str, device: torch.device, dtype: str, seed: int, ranks) 
     try:
         with _load_errors(name, offline_reason):
             model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=torch_dtype, attn_implementation="sdpa",
+                location, dtype=torch_dtype, attn_implementation=attention_implementation(config),
                 distributed_config=DistributedConfig(tp_size=tp), local_files_only=offline_reason is not None)
     finally:
         if temporary is not None:

@@ -17,8 +17,12 @@ from tokenizers import models as tokenizer_models
 from transformers import (
     BertConfig,
     DynamicCache,
+    Gemma2Config,
+    GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MambaConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -318,6 +322,22 @@ def test_encoder_model_is_not_a_causal_lm(tmp_path):
     byte_level_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match=r"\(bert\) is not a causal language model"):
         load_model(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("config_class, options, attention", [
+    (GPTNeoXConfig, {}, "sdpa"),  # is_decoder=False by default, causal all the same
+    (Gemma2Config, dict(head_dim=16), "eager"),  # the family has no SDPA
+    (GptOssConfig, dict(head_dim=16, num_local_experts=2, num_experts_per_tok=1), "eager"),
+    (MambaConfig, dict(state_size=4), "eager"),
+], ids=["gpt-neox", "gemma2", "gpt-oss", "mamba"])
+def test_decoder_families_load_with_the_attention_they_have(tmp_path, config_class, options, attention):
+    path = tmp_path / "config.json"
+    config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=300, **options).to_json_file(path)
+    loaded = load_model(f"random:{path}", device="cpu")
+    assert loaded.model.config._attn_implementation == attention
+    with torch.no_grad():
+        assert loaded.model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 300)
 
 
 def test_unreachable_hub_fails_fast_with_the_fix(offline_hub):

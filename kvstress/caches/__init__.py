@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..spec import MethodSpec, as_spec
 from .base import POSITION_MODES, CompressedCache
@@ -61,10 +61,13 @@ def make_run_cache(spec: MethodSpec, model: nn.Module, *, positions: str, lazy: 
     return make_cache(spec, model)
 
 
-def cached_tokens(cache: Cache) -> int:
-    """Tokens the cache holds now (per sequence and layer)."""
+def cached_tokens(cache: Cache) -> int | None:
+    """Tokens the cache holds now (per sequence and layer); None for a cache that holds a
+    recurrent state only (Mamba), not tokens."""
     if isinstance(cache, CompressedCache):
         return cache.kept  # in each compressed layer
+    if not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
+        return None
     return cache.get_seq_length()
 
 

@@ -237,7 +237,9 @@ class FixedCapacityLayer(LinkedLayer):
         token from its slot (zero unless whole layers set the model's positions)."""
         rank = self._view("positions", 0, total).argsort(dim=-1).argsort(dim=-1)
         turn = rank + self.owner.rank_offset - self._view("rotated_at", 0, total)
-        return self.owner.rotary.turn(keys, turn)
+        # Ranks and the positions keys were rotated at lie in [0, slots + offset), the offset
+        # never shrinking: a bound known without reading `turn` back (a compiled step cannot).
+        return self.owner.rotary.turn(keys, turn, span=self.owner.slots + self.owner.rank_offset)
 
     def kept_positions(self) -> torch.Tensor:
         """[batch, kv_heads, kept] absolute positions held, ascending."""
@@ -339,6 +341,8 @@ class CompressedCache(Cache):
             **({"rotated_at": torch.zeros(shape, dtype=torch.long, device=key_like.device)} if self.shifted else {}),
             **self._allocate_policy_buffers(shape, key_like),
         }
+        if self.shifted:  # the turns' table made here, eagerly, never first inside a compiled step
+            self.rotary.table(slots + self.rank_offset, key_like)
         for name, buffer in self.buffers.items():
             if name in old and name in self.buffer_names:
                 buffer.narrow(3, 0, self.kept).copy_(old[name].narrow(3, 0, self.kept))

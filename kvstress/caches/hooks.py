@@ -17,14 +17,16 @@ A forward pre-hook on the model itself (whatever its modules are called) starts 
 forward clean, and in shifted mode lets the model position the new tokens right after
 the kept ones (a caller such as generate() passes absolute position_ids).
 
-Which families can be served is decided from the config before anything runs: the
-layer types transformers' own DynamicCache would build (sliding-window, chunked and
-recurrent layers are refused by name), and for shifted positions, the model's own
-rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
+Which families can be served is decided before anything runs: the layer types
+transformers' own DynamicCache would build from the config (sliding-window, chunked and
+recurrent layers are refused by name), whether the attention modules' code looks its
+kernel up in the interface at all (Falcon's does not), and for shifted positions, the
+model's own rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ _RECURRENT = ("mamba", "conv", "linear_attention", "hybrid", "hybrid_sliding", "
 # Rotary types whose frequencies depend on how long the sequence is: a key cannot be turned
 # from one position to another with one table.
 _LENGTH_DEPENDENT_ROPE = ("dynamic",)
+# Families whose full-attention layers have no rotary (only their sliding-window layers do).
+_ROTARY_ON_SLIDING_LAYERS_ONLY = ("cohere2",)
 
 
 @dataclass
@@ -56,35 +60,48 @@ class Rotary:
 
     embedding: nn.Module | None  # cos, sin = embedding(x, position_ids)
     apply: Callable | None  # the modeling file's apply_rotary_pos_emb(q, k, cos, sin)
+    # The leading dims the model hands apply_rotary_pos_emb, passing the rest through itself
+    # (Phi-2, StableLM: their attention's `rotary_ndims`); None: the whole head.
+    rotated_dims: int | None
+    # The table an embedding with one per layer type (Gemma 3, OLMo 3) is asked for: that of
+    # the full-attention layers, the only ones compressed caches serve; None: it has one table.
+    layer_type: str | None
     unrotated_layers: frozenset[int]  # layers the model gives no rotary (SmolLM3's NoPE layers)
     refusal: str | None  # why shifted positions are refused for this model, else None
 
     def __post_init__(self):
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def turn(self, keys: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+    def turn(self, keys: torch.Tensor, by: torch.Tensor, span: int) -> torch.Tensor:
         """keys [batch, heads, n, dim] rotated as the model rotates them, each rotated by
-        `by` [batch, heads, n] positions more, with the model's own apply_rotary_pos_emb."""
-        span = int(by.abs().max())
-        cos, sin = self._cos_sin(span, keys)
+        `by` [batch, heads, n] positions more (|by| <= span), with the model's own
+        apply_rotary_pos_emb, given what the model gives it: the whole head, or its leading
+        `rotated_dims`."""
+        cos, sin = self.table(span, keys)
         batch, heads, n, dim = keys.shape
+        rotated = dim if self.rotated_dims is None else self.rotated_dims
         flat = keys.reshape(batch * heads, 1, n, dim)  # the model's function broadcasts cos over dim 1
+        if rotated < dim:
+            flat = flat[..., :rotated]
         index = (by + cos.shape[0] // 2).view(batch * heads, n)
         # The function rotates a query and a key; the keys go in as both.
         _, turned = self.apply(flat, flat, cos[index], sin[index])
-        return turned.view(batch, heads, n, dim)
+        turned = turned.view(batch, heads, n, rotated)
+        return turned if rotated == dim else torch.cat((turned, keys[..., rotated:]), dim=-1)
 
-    def _cos_sin(self, span: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self, span: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [2 * size + 1, rotary_dim] for positions -size..size (size >= span), from
         the model's rotary module; kept and doubled as needed, so a step rarely builds one."""
         table = self._table
         if table is None or table[0].shape[0] // 2 < span or table[0].dtype != like.dtype or table[0].device != like.device:
             size = max(span, table[0].shape[0] if table is not None else 64)
             positions = torch.arange(-size, size + 1, device=like.device).unsqueeze(0)
-            cos, sin = self.embedding(like, positions)
+            per_type = {} if self.layer_type is None else {"layer_type": self.layer_type}
+            cos, sin = self.embedding(like, positions, **per_type)
             # YaRN and LongRoPE scale cos and sin by an attention factor the model applies once,
             # at the first rotation: a turn must not apply it again.
-            factor = getattr(self.embedding, "attention_scaling", 1.0)
+            prefix = "" if self.layer_type is None else f"{self.layer_type}_"
+            factor = getattr(self.embedding, f"{prefix}attention_scaling", 1.0)
             self._table = table = (cos[0] / factor, sin[0] / factor) if factor != 1.0 else (cos[0], sin[0])
         return table
 
@@ -160,11 +177,19 @@ def _refusal(model: nn.Module, config) -> str | None:
             or getattr(config, "mamba_d_state", None)):
         return (f"{name} keeps a recurrent state (Mamba / linear-attention layers), which is not a token cache: "
                 f"compressed caches cannot evict from it; {baseline}")
-    if not attention_modules(model):
+    modules = attention_modules(model)
+    if not modules:
         return f"{name} has no attention layers that transformers' attention interface runs; {baseline}"
+    # A modeling file that never looks its kernel up in the interface (Falcon, Bloom, MPT)
+    # runs attention where no cache layer can see the queries.
+    outside = {type(module).__name__ for module in modules
+               if not hasattr(sys.modules[type(module).__module__], "ALL_ATTENTION_FUNCTIONS")}
+    if outside:
+        return (f"{name}'s attention ({', '.join(sorted(outside))}) does not run through transformers' attention "
+                f"interface, where compressed caches see the queries: {baseline}, or quant_B_R")
     kinds = set(_layer_types(config))
     if kinds & {"sliding_attention", "chunked_attention"}:
-        which = "chunked-attention" if "chunked_attention" in kinds else "sliding-window"
+        which = "chunked" if "chunked_attention" in kinds else "sliding-window"
         window = "" if kinds - {"sliding_attention", "chunked_attention"} else " (set on every layer)"
         return (f"{name} has {which} attention layers{window}, which the model bounds itself and compressed caches "
                 f"do not yet combine with: {baseline}, or a config without the window")
@@ -189,11 +214,19 @@ def _rotary(model: nn.Module, config) -> Rotary:
     apply = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
     no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3, Llama 4: 1 where a layer has rotary
     unrotated = frozenset(index for index, rotated in enumerate(no_rope or []) if not rotated)
-    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if config.model_type in _ROTARY_ON_SLIDING_LAYERS_ONLY:
+        unrotated = frozenset(range(config.num_hidden_layers))  # sliding layers are refused up front
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # one set per layer type (Gemma 3, OLMo 3): the served layers'
+    rope_type = rope.get("rope_type", "default")
     refusal = None
     why_not = None
-    if not embeddings or apply is None:
-        why_not = "has no rotary embedding that kvstress can call"
+    if getattr(config, "kv_lora_rank", None):
+        # DeepSeek caches a latent per token and, apart, the rotated part of its key, which it
+        # rotates with a layout of its own (complex numbers, or interleaved pairs).
+        why_not = "caches multi-head latent attention's latents, with the rotary part of the keys apart"
+    elif not embeddings or apply is None or list(inspect.signature(apply).parameters)[:4] != ["q", "k", "cos", "sin"]:
+        why_not = "has no rotary embedding that kvstress can call"  # GPT-J's rotates one tensor: (x, sin, cos)
     elif len(embeddings) > 1:
         why_not = "has several rotary embeddings"
     elif rope_type in _LENGTH_DEPENDENT_ROPE:
@@ -201,7 +234,10 @@ def _rotary(model: nn.Module, config) -> Rotary:
     if why_not:
         refusal = (f"{name} {why_not}: shifted positions re-rotate cached keys with the model's own rotary code; "
                    "use --positions original")
-    return Rotary(embeddings[0] if embeddings and not why_not else None, apply, unrotated, refusal)
+    embedding = embeddings[0] if embeddings and not why_not else None
+    rotated_dims = getattr(attention_modules(model)[0], "rotary_ndims", None)
+    per_type = embedding is not None and "layer_type" in inspect.signature(embedding.forward).parameters
+    return Rotary(embedding, apply, rotated_dims, "full_attention" if per_type else None, unrotated, refusal)
 
 
 def attach(model: nn.Module) -> AttentionLinks:

@@ -19,10 +19,12 @@ The model's own kernel (SDPA, or its eager function) stays the one that attends:
   prefill chunk each layer scores itself, in query blocks whose memory is bounded by
                 the block size, never by length squared (shifted mode and attention
                 sinks score decode steps this way too: the keys are turned per layer,
-                the sinks differ per layer)
+                the sinks differ per layer; so does multi-head latent attention, whose
+                kernel attends keys made from the cached latents, not the latents)
 
 Attention mass is per sequence and KV head, summed over the query heads of the KV
-group (GQA). A policy says how a forward's mass updates a slot's score
+group (GQA); under multi-head latent attention, per cached latent, summed over every
+query head. A policy says how a forward's mass updates a slot's score
 (`update_scores`: H2O accumulates, TOVA replaces) and, for a chunk, whether every query
 counts or only the last (`last_query_only`).
 """
@@ -73,7 +75,11 @@ class AttentionScoredLayer(FixedCapacityLayer):
         start, total = owner.kept, owner.pending_total
         scaling = options.get("scaling") or query.shape[-1] ** -0.5  # None: the kernels' default
         softcap, sinks = options.get("softcap"), options.get("s_aux")
-        batched = not self.shifted and sinks is None  # decode steps scored for all layers at once
+        # Multi-head latent attention (DeepSeek) caches latents and makes the kernel's keys
+        # from them, one per query head: the cached slots are not what the kernel attends.
+        attends_cached = keys.shape[1] == self.keys.shape[1] and keys.shape[-1] == self.keys.shape[-1]
+        # Decode steps scored for all layers at once, from the cached keys.
+        batched = not self.shifted and sinks is None and attends_cached
         if batched and "queries" not in owner.buffers:
             owner.allocate_query_buffer(query)
         if batched and query.shape[2] == 1:
@@ -82,6 +88,8 @@ class AttentionScoredLayer(FixedCapacityLayer):
         if owner.last_query_only:
             query, start = query[:, :, -1:], total - 1
         mass = attention_mass(query, keys, scaling, start, softcap=softcap, sinks=sinks)
+        if not attends_cached:  # each cached head's mass: that of the kernel's heads made from it
+            mass = mass.view(mass.shape[0], self.keys.shape[1], -1, mass.shape[-1]).sum(dim=2)
         owner.update_scores(self._view("scores", owner.sink, total), mass[..., owner.sink:])
         return mask
 

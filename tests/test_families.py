@@ -1,0 +1,269 @@
+"""Every model family transformers has, as users bring them: exact, or refused by name.
+
+A compatibility matrix of tiny models (2 layers, hidden 64, grouped-query attention where
+the family allows it, a 300-id vocabulary) built from transformers' own config classes
+with seeded random weights, no download. Each supported family, with every policy, must
+give the full cache's logits while the tokens fit, token by token and chunk by chunk, in
+both position modes (original only where shifted is refused by name), and hold no more
+bytes once past capacity. Two checks that do not lean on that invariant: H2O's scores
+are the attention weights the model's own eager kernel returns (softcap, sinks, latent
+attention included), and in shifted mode the keys turned after evictions are those the
+model would rotate at their new positions. Each refused family must be refused, through
+the CLI, in one line naming why (exit 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from test_caches import stream, token_ids, with_cache
+from transformers import AutoModelForCausalLM, DynamicCache
+from typer.testing import CliRunner
+
+from kvstress import make_cache
+from kvstress.caches import UnsupportedModelError, cache_sizes, cached_tokens
+from kvstress.cli import app
+from kvstress.models import attention_implementation
+
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             initializer_range=0.2)  # 10x the usual: peaked attention, as trained models have, not uniform
+ALL_FULL = dict(layer_types=["full_attention"] * 2)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+           n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+           first_k_dense_replace=1, n_group=1, topk_group=1)
+
+# family → (config class, what differs from SHAPE): what each one brings that Llama does not.
+SUPPORTED = {
+    "llama": ("LlamaConfig", {}),
+    "llama3-rope": ("LlamaConfig", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama-yarn": ("LlamaConfig", dict(rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128})),
+    "llama-dynamic": ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),  # MoE
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "phi3": ("Phi3Config", {}),  # fused qkv_proj
+    "phi3-longrope": ("Phi3Config", dict(max_position_embeddings=256, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+        "original_max_position_embeddings": 32})),
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),  # partial rotary, rotated around apply_rotary_pos_emb
+    "stablelm": ("StableLmConfig", dict(partial_rotary_factor=0.25)),
+    "gpt-neox": ("GPTNeoXConfig", dict(rotary_pct=0.25)),  # fused query_key_value, partial rotary
+    "glm": ("GlmConfig", dict(head_dim=16)),  # partial, interleaved rotary
+    "glm4": ("Glm4Config", dict(head_dim=16)),
+    "cohere": ("CohereConfig", {}),  # interleaved rotary
+    "gemma": ("GemmaConfig", dict(head_dim=16)),
+    "granite": ("GraniteConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=None)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),  # layer 1 without rotary
+    "gemma2-full": ("Gemma2Config", dict(head_dim=16, attn_logit_softcapping=1.0,  # a cap that bites
+                                         **ALL_FULL)),  # logit softcap, eager attention
+    "gpt-oss-full": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                           **ALL_FULL)),  # learned attention sinks, eager attention
+    "gemma3-full": ("Gemma3TextConfig", dict(head_dim=16, **ALL_FULL)),
+    "cohere2-full": ("Cohere2Config", ALL_FULL),
+    "olmo3-full": ("Olmo3Config", ALL_FULL),
+    "deepseek-v2": ("DeepseekV2Config", dict(MLA, q_lora_rank=None)),  # latent attention: keys ≠ values in size
+    "deepseek-v3": ("DeepseekV3Config", dict(MLA, q_lora_rank=24)),
+    "gptj": ("GPTJConfig", dict(rotary_dim=8, n_inner=128)),  # rotary of its own, partial and interleaved
+    "llama4-full": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128,
+                                             no_rope_layers=[1, 0], **ALL_FULL)),
+}
+# Families served in original positions only, and the reason shifted positions give.
+ORIGINAL_ONLY = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
+                 "llama4-full": "no rotary embedding that kvstress can call",
+                 "gptj": "no rotary embedding that kvstress can call",
+                 "llama-dynamic": "dynamic rotary scaling, whose frequencies change with the length"}
+
+# family → (config class, what differs from SHAPE, what the one-line refusal says).
+REFUSED = {
+    "falcon": ("FalconConfig", dict(num_kv_heads=2, new_decoder_architecture=True),
+               "FalconForCausalLM's attention (FalconAttention) does not run through transformers' attention interface"),
+    "bloom": ("BloomConfig", {}, "BloomForCausalLM's attention (BloomAttention) does not run through"),
+    "mpt": ("MptConfig", dict(d_model=64, n_layers=2, n_heads=4), "MptForCausalLM's attention (MptAttention) does not"),
+    "gpt-neo": ("GPTNeoConfig", dict(attention_types=[[["global", "local"], 1]]),
+                "GPTNeoForCausalLM has no attention layers that transformers' attention interface runs"),
+    "mamba": ("MambaConfig", dict(state_size=8), "MambaForCausalLM keeps a recurrent state"),
+    "jamba": ("JambaConfig", dict(num_experts=2, attn_layer_period=2, attn_layer_offset=1),  # Mamba, attention
+              "JambaForCausalLM keeps a recurrent state"),
+    "zamba2": ("Zamba2Config", dict(layers_block_type=["mamba", "hybrid"], num_mem_blocks=1),
+               "Zamba2ForCausalLM keeps a recurrent state"),
+    "falcon-h1": ("FalconH1Config", {}, "FalconH1ForCausalLM keeps a recurrent state"),
+    "qwen3-next": ("Qwen3NextConfig", dict(head_dim=16, full_attention_interval=2),  # linear, full attention
+                   "Qwen3NextForCausalLM keeps a recurrent state"),
+    "gemma2": ("Gemma2Config", dict(head_dim=16), "Gemma2ForCausalLM has sliding-window attention layers"),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16), "Gemma3ForCausalLM has sliding-window attention layers"),
+    "gpt-oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2),
+                "GptOssForCausalLM has sliding-window attention layers"),
+    "cohere2": ("Cohere2Config", {}, "Cohere2ForCausalLM has sliding-window attention layers"),
+    "olmo3": ("Olmo3Config", {}, "Olmo3ForCausalLM has sliding-window attention layers"),
+    "llama4": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128),
+               "Llama4ForCausalLM has chunked attention layers"),
+    "mistral-window": ("MistralConfig", dict(sliding_window=16), "MistralForCausalLM has sliding-window attention"),
+    "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+                     "Qwen2ForCausalLM has sliding-window attention"),
+    "starcoder2-window": ("Starcoder2Config", dict(sliding_window=16),
+                          "Starcoder2ForCausalLM has sliding-window attention"),
+}
+
+# Every built-in compressed policy, capacity 24 (the tokens of the exactness check); the fast
+# tier runs the seed's two and TOVA, the slow one the others too.
+POLICIES = ["streaming_2_24", "h2o_2_4_24", "tova_2_24"] + [
+    pytest.param(spec, marks=pytest.mark.slow) for spec in ("tovahead_2_24", "knorm_2_4_0_24", "random_2_4_24")]
+runner = CliRunner()
+
+
+def family_config(config_class: str, changes: dict, layers: int = 2):
+    """The family's tiny config with `layers` layers (per-layer lists cut to match)."""
+    per_layer = {key: value[:layers] for key, value in changes.items() if isinstance(value, list)}
+    return getattr(transformers, config_class)(**{**SHAPE, **changes, **per_layer, "num_hidden_layers": layers})
+
+
+def build(family: str, layers: int = 2, attention: str | None = None):
+    """The family's tiny model, float32, seeded, with the attention kvstress loads it with
+    unless `attention` names another."""
+    config = family_config(*SUPPORTED[family], layers=layers)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(
+        config, attn_implementation=attention or attention_implementation(config)).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """family → its two-layer model, built when first asked for."""
+    built = {}
+
+    def model_of(family: str):
+        if family not in built:
+            built[family] = build(family)
+        return built[family]
+
+    return model_of
+
+
+def modes(family: str) -> list[str]:
+    return ["original"] if family in ORIGINAL_ONLY else ["original", "shifted"]
+
+
+# -- supported families -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", POLICIES)
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_logits_equal_full_cache_while_tokens_fit(models, family, spec):
+    model = models(family)
+    ids = token_ids(2, 24)
+    for chunk in (1, 5):
+        expected = stream(model, DynamicCache(config=model.config), ids, chunk)
+        for positions in modes(family):
+            actual = stream(model, make_cache(spec, model, positions=positions), ids, chunk)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, case=f"{positions} chunk {chunk}": f"{case}: {m}")
+
+
+@pytest.mark.parametrize("spec", POLICIES)
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_bytes_stop_growing_at_capacity(models, family, spec):
+    """Past capacity every policy holds `capacity` tokens in the same bytes, in every mode:
+    scoring and turning keys (partial, interleaved, absent rotary) run on every forward."""
+    model = models(family)
+    ids = token_ids(2, 100, seed=2)
+    for positions in modes(family):
+        cache = make_cache(spec, model, positions=positions, chunk=8)
+        stream(model, cache, ids[:, :32], 8)
+        at_capacity = cache_sizes(cache)
+        logits = torch.cat((stream(model, cache, ids[:, 32:92], 8), stream(model, cache, ids[:, 92:], 1)), dim=1)
+        assert cache_sizes(cache) == at_capacity, positions
+        assert cached_tokens(cache) == 24 and torch.isfinite(logits).all(), positions
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_h2o_scores_are_the_attention_the_models_own_kernel_pays(family, chunk):
+    """H2O's score of a token is the attention the model's kernel paid it, summed over the
+    queries so far and over the query heads made from its cached KV head (a GQA group;
+    under latent attention, every head), with the family's softcap or sinks: the weights
+    the model's eager attention returns, while the tokens fit."""
+    model = build(family, attention="eager")
+    sink, length = 2, 20
+    ids = token_ids(2, length, seed=4)
+    cache = make_cache(f"h2o_{sink}_4_24", model, chunk=chunk)
+    paid = None  # [layers, batch, heads, length]
+    with torch.no_grad():
+        for first in range(0, length, chunk):
+            weights = model(ids[:, first : first + chunk], output_attentions=True, **with_cache(model, cache)).attentions
+            forward = torch.stack([torch.nn.functional.pad(w.sum(dim=2), (0, length - w.shape[-1])) for w in weights])
+            paid = forward if paid is None else paid + forward
+    scores = cache.buffers["scores"][..., sink:length]  # [layers, batch, cached heads, slots]
+    expected = paid.view(*scores.shape[:3], -1, length).sum(dim=3)[..., sink:]
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [family for family in SUPPORTED if family not in ORIGINAL_ONLY])
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_shifted_keys_are_the_models_own_at_their_new_positions(family, chunk):
+    """With one layer a key depends on its token and position only, so a StreamingLLM cache
+    in shifted mode, past capacity, must give exactly what the model gives on the kept
+    tokens alone, from position 0: the turned keys are what the model would rotate there."""
+    model = build(family, layers=1)
+    sink, capacity, length = 2, 12, 40
+    ids = token_ids(2, length, seed=3)
+    actual = stream(model, make_cache(f"streaming_{sink}_{capacity}", model, positions="shifted", chunk=chunk),
+                    ids, chunk)[:, -chunk:]
+    last = length - chunk  # the last forward's first token: before it, sinks and the most recent are kept
+    kept = torch.cat((ids[:, :sink], ids[:, last - (capacity - sink) : last], ids[:, last:]), dim=1)
+    with torch.no_grad():
+        expected = model(kept).logits[:, -chunk:]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ORIGINAL_ONLY)
+def test_shifted_positions_refused_by_name_where_keys_cannot_be_turned(models, family):
+    with pytest.raises(UnsupportedModelError, match=ORIGINAL_ONLY[family]) as refused:
+        make_cache("streaming_2_24", models(family), positions="shifted")
+    assert "use --positions original" in str(refused.value) and "\n" not in str(refused.value)
+
+
+# -- refused families -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    path.write_text("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 20)
+    return path
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_refused_in_one_line_through_the_cli(tmp_path, text_file, family):
+    config_class, changes, message = REFUSED[family]
+    path = tmp_path / "config.json"
+    family_config(config_class, changes).to_json_file(path)
+    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "baseline", "-m", "h2o_2_4_32",
+                                 "--lengths", "64", "--chunk", "32", "--decode-steps", "3",
+                                 "--dataset", str(text_file), "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "use baseline" in errors[0], result.output
+
+
+@pytest.mark.parametrize("family", ["mamba", "jamba", "qwen3-next", "falcon", "gemma2"])
+def test_baseline_runs_where_compressed_caches_are_refused(tmp_path, text_file, family):
+    """The full cache serves every family that loads: a recurrent state, attention outside the
+    interface, or a family whose attention is eager only (Gemma 2)."""
+    config_class, changes, _ = REFUSED[family]
+    path = tmp_path / "config.json"
+    family_config(config_class, changes).to_json_file(path)
+    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "baseline", "--lengths", "64",
+                                 "--chunk", "32", "--decode-steps", "3", "--dataset", str(text_file),
+                                 "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
