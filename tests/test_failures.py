@@ -89,6 +89,19 @@ def test_a_failing_plugin_is_a_failed_point_and_the_other_methods_run(failing_po
     assert "boom_4_48" in result.output.split("failed:")[-1]  # the last line names the method
 
 
+def test_a_failing_plugin_in_a_frontier_is_its_failed_point_and_the_others_run(failing_policy, text_file, tmp_path):
+    out = tmp_path / "f.json"
+    result = runner.invoke(app, ["frontier", "--model", "tiny-random", "--dataset", str(text_file), "-m", "boom,streaming",
+                                 "--budgets", "48", "--tokens", "384", "--ppl-chunk", "32", "--chunk", "32",
+                                 "--needle-lengths", "128", "--depths", "50", "--max-new-tokens", "2",
+                                 "--decode-steps", "3", "--out", str(out)])
+    assert result.exit_code == FAILED_EXIT and "Traceback" not in result.output, result.output
+    doc = json.loads(out.read_text())
+    assert {r["method"] for r in doc["records"] if r["status"] == "error"} == {"boom_4_48"}
+    assert {r["method"] for r in doc["records"] if r["status"] == "ok"} >= {"baseline", "streaming_4_48"}
+    assert "boom_4_48" in result.output.split("failed:")[-1]
+
+
 def test_a_failed_method_is_measured_again_on_resume(failing_policy, text_file, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     assert run("sweep", text_file, out).exit_code == FAILED_EXIT
