@@ -5,11 +5,13 @@ the family allows it, a 300-id vocabulary) built from transformers' own config c
 with seeded random weights, no download. Each supported family, with every policy, must
 give the full cache's logits while the tokens fit, token by token and chunk by chunk, in
 both position modes (original only where shifted is refused by name), and hold no more
-bytes once past capacity. Two checks that do not lean on that invariant: H2O's scores
-are the attention weights the model's own eager kernel returns (softcap, sinks, latent
-attention included), and in shifted mode the keys turned after evictions are those the
-model would rotate at their new positions. Each refused family must be refused, through
-the CLI, in one line naming why (exit 2, no traceback).
+bytes once past capacity. Hybrid families (sliding-window and global layers) have a window
+shorter than the tokens, and their sliding layers must hold what transformers' own
+DynamicCache holds there, counted in the cache's bytes. Two checks that do not lean on
+that invariant: H2O's scores are the attention weights the model's own eager kernel
+returns (softcap, sinks, latent attention included), and in shifted mode the keys turned
+after evictions are those the model would rotate at their new positions. Each refused
+family must be refused, through the CLI, in one line naming why (exit 2, no traceback).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              pad_token_id=0, bos_token_id=1, eos_token_id=2,
              initializer_range=0.2)  # 10x the usual: peaked attention, as trained models have, not uniform
 ALL_FULL = dict(layer_types=["full_attention"] * 2)
+WINDOW = 8  # sliding window of the hybrid families: shorter than every check's tokens
+# Gemma 3, Cohere 2, OLMo 3's published patterns (5:1, 3:1 sliding to global) cut to two
+# layers would leave only sliding ones: one of each instead.
+HYBRID = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=WINDOW)
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
            first_k_dense_replace=1, n_group=1, topk_group=1)
@@ -71,14 +77,24 @@ SUPPORTED = {
     "gemma3-full": ("Gemma3TextConfig", dict(head_dim=16, **ALL_FULL)),
     "cohere2-full": ("Cohere2Config", ALL_FULL),
     "olmo3-full": ("Olmo3Config", ALL_FULL),
+    # Hybrid: the sliding layers keep the model's window, the global ones are compressed.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, attn_logit_softcapping=1.0, sliding_window=WINDOW)),  # sliding first
+    "gpt-oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, **HYBRID)),
+    "cohere2": ("Cohere2Config", HYBRID),  # rotary on the sliding layers only
+    "olmo3": ("Olmo3Config", HYBRID),
+    "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW,
+                                         max_window_layers=1)),  # global first, then sliding
     "deepseek-v2": ("DeepseekV2Config", dict(MLA, q_lora_rank=None)),  # latent attention: keys ≠ values in size
     "deepseek-v3": ("DeepseekV3Config", dict(MLA, q_lora_rank=24)),
     "gptj": ("GPTJConfig", dict(rotary_dim=8, n_inner=128)),  # rotary of its own, partial and interleaved
     "llama4-full": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128,
                                              no_rope_layers=[1, 0], **ALL_FULL)),
 }
+HYBRIDS = ["gemma2", "gpt-oss", "gemma3", "cohere2", "olmo3", "qwen2-window"]
 # Families served in original positions only, and the reason shifted positions give.
-ORIGINAL_ONLY = {"deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
+ORIGINAL_ONLY = {**dict.fromkeys(HYBRIDS, "sliding-window layers, whose window the model counts in absolute positions"),
+                 "deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
                  "llama4-full": "no rotary embedding that kvstress can call",
                  "gptj": "no rotary embedding that kvstress can call",
                  "llama-dynamic": "dynamic rotary scaling, whose frequencies change with the length"}
@@ -99,19 +115,15 @@ REFUSED = {
     "falcon-h1": ("FalconH1Config", {}, "FalconH1ForCausalLM keeps a recurrent state"),
     "qwen3-next": ("Qwen3NextConfig", dict(head_dim=16, full_attention_interval=2),  # linear, full attention
                    "Qwen3NextForCausalLM keeps a recurrent state"),
-    "gemma2": ("Gemma2Config", dict(head_dim=16), "Gemma2ForCausalLM has sliding-window attention layers"),
-    "gemma3": ("Gemma3TextConfig", dict(head_dim=16), "Gemma3ForCausalLM has sliding-window attention layers"),
-    "gpt-oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2),
-                "GptOssForCausalLM has sliding-window attention layers"),
-    "cohere2": ("Cohere2Config", {}, "Cohere2ForCausalLM has sliding-window attention layers"),
-    "olmo3": ("Olmo3Config", {}, "Olmo3ForCausalLM has sliding-window attention layers"),
     "llama4": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128),
                "Llama4ForCausalLM has chunked attention layers"),
-    "mistral-window": ("MistralConfig", dict(sliding_window=16), "MistralForCausalLM has sliding-window attention"),
-    "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
-                     "Qwen2ForCausalLM has sliding-window attention"),
+    # Every layer sliding: the model bounds them all itself, a compressed cache would do nothing.
+    "mistral-window": ("MistralConfig", dict(sliding_window=16),
+                       "MistralForCausalLM bounds every layer with its sliding window of 16 tokens"),
     "starcoder2-window": ("Starcoder2Config", dict(sliding_window=16),
-                          "Starcoder2ForCausalLM has sliding-window attention"),
+                          "Starcoder2ForCausalLM bounds every layer with its sliding window of 16 tokens"),
+    "gemma3-two-sliding": ("Gemma3TextConfig", dict(head_dim=16),  # the published pattern's first two layers
+                           "Gemma3ForCausalLM bounds every layer with its sliding window"),
 }
 
 # Every built-in compressed policy, capacity 24 (the tokens of the exactness check); the fast
@@ -185,6 +197,42 @@ def test_bytes_stop_growing_at_capacity(models, family, spec):
         assert cached_tokens(cache) == 24 and torch.isfinite(logits).all(), positions
 
 
+@pytest.mark.parametrize("spec", POLICIES)
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_sliding_layers_hold_the_models_window_in_the_cache_bytes(models, family, spec):
+    """Past the window and the capacity, each sliding layer holds the last WINDOW - 1 tokens
+    in the bytes transformers' DynamicCache holds there, and the cache's bytes are its
+    buffers' (the global layers') plus those."""
+    model = models(family)
+    ids = token_ids(2, 100, seed=2)
+    cache, full = make_cache(spec, model, chunk=8), DynamicCache(config=model.config)
+    sliding = [index for index, layer in enumerate(full.layers) if layer.is_sliding]
+    assert sliding and all(cache.layers[index].is_sliding for index in sliding)
+    for start, stop, chunk in ((0, 96, 8), (96, 100, 1)):  # chunks past the window, then decode steps
+        stream(model, cache, ids[:, start:stop], chunk)
+        stream(model, full, ids[:, start:stop], chunk)
+        window_bytes = sum(tensor.numel() * tensor.element_size()
+                           for index in sliding for tensor in (full.layers[index].keys, full.layers[index].values))
+        buffers = sum(tensor.numel() * tensor.element_size() for tensor in cache.buffers.values())
+        assert cache_sizes(cache)[1] == buffers + window_bytes
+        for index in sliding:
+            assert torch.equal(cache.kept_positions(index)[0, 0], torch.arange(stop - WINDOW + 1, stop))
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_whole_layers_are_the_first_global_ones_between_sliding_ones(chunk):
+    """Key norm's full layers F count the global layers only: with Gemma 2's alternation over
+    four layers, F = 1 leaves layer 1 whole, compresses layer 3, and both sliding layers keep
+    the window; the logits stay the full cache's while the tokens fit."""
+    model = build("gemma2", layers=4)
+    ids = token_ids(2, 24)
+    cache = make_cache("knorm_2_4_1_24", model)
+    assert [layer.is_sliding for layer in cache.layers] == [True, False, True, False]
+    assert cache.whole_layers == [cache.layers[1]] and cache.stacked_layers == [cache.layers[3]]
+    expected = stream(model, DynamicCache(config=model.config), ids, chunk)
+    torch.testing.assert_close(stream(model, cache, ids, chunk), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", SUPPORTED)
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_h2o_scores_are_the_attention_the_models_own_kernel_pays(family, chunk):
@@ -200,6 +248,7 @@ def test_h2o_scores_are_the_attention_the_models_own_kernel_pays(family, chunk):
     with torch.no_grad():
         for first in range(0, length, chunk):
             weights = model(ids[:, first : first + chunk], output_attentions=True, **with_cache(model, cache)).attentions
+            weights = [weights[layer.layer_idx] for layer in cache.stacked_layers]  # not the sliding ones
             forward = torch.stack([torch.nn.functional.pad(w.sum(dim=2), (0, length - w.shape[-1])) for w in weights])
             paid = forward if paid is None else paid + forward
     scores = cache.buffers["scores"][..., sink:length]  # [layers, batch, cached heads, slots]
@@ -256,10 +305,21 @@ def test_refused_in_one_line_through_the_cli(tmp_path, text_file, family):
     assert len(errors) == 1 and message in errors[0] and "use baseline" in errors[0], result.output
 
 
-@pytest.mark.parametrize("family", ["mamba", "jamba", "qwen3-next", "falcon", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma2", "gpt-oss"])
+def test_hybrid_families_run_through_the_cli(tmp_path, text_file, family):
+    """A hybrid model as published runs every method, eager attention (Gemma 2, GPT-OSS) included."""
+    path = tmp_path / "config.json"
+    family_config(*SUPPORTED[family]).to_json_file(path)
+    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "baseline", "-m", "h2o_2_4_32",
+                                 "-m", "streaming_4_32", "--lengths", "64", "--chunk", "32", "--decode-steps", "3",
+                                 "--dataset", str(text_file), "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("family", ["mamba", "jamba", "qwen3-next", "falcon", "mistral-window"])
 def test_baseline_runs_where_compressed_caches_are_refused(tmp_path, text_file, family):
     """The full cache serves every family that loads: a recurrent state, attention outside the
-    interface, or a family whose attention is eager only (Gemma 2)."""
+    interface, or sliding windows on every layer."""
     config_class, changes, _ = REFUSED[family]
     path = tmp_path / "config.json"
     family_config(config_class, changes).to_json_file(path)

@@ -50,7 +50,7 @@ def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "or
         raise TypeError(f"policy {spec.method} has a capacity, so its cache must subclass kvstress.caches.CompressedCache")
     links = attach(model)
     return cache(spec, links.num_layers, links.rotary_embedding, positions=positions, lazy=lazy, seed=seed,
-                 chunk=chunk)
+                 chunk=chunk, sliding_windows=links.sliding_windows)
 
 
 def make_run_cache(spec: MethodSpec, model: nn.Module, *, positions: str, lazy: int, seed: int = 0,
@@ -65,7 +65,7 @@ def cached_tokens(cache: Cache) -> int | None:
     """Tokens the cache holds now (per sequence and layer); None for a cache that holds a
     recurrent state only (Mamba), not tokens."""
     if isinstance(cache, CompressedCache):
-        return cache.kept  # in each compressed layer
+        return cache.kept  # in each compressed layer (a sliding one holds the model's window)
     if not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
         return None
     return cache.get_seq_length()

@@ -23,6 +23,10 @@ One set of small ops per forward, not one per layer: on CPU each op costs micros
 of dispatch, on GPU a kernel launch, and a decode step is made of little else. With
 keys rotated before they are cached, attention does not care about slot order.
 
+Layers the model bounds itself with a sliding window (Gemma 2 / 3, Cohere 2, OLMo 3,
+GPT-OSS) are not stacked: each keeps the model's window as transformers' DynamicCache
+does (`SlidingLayer`), and only the global layers are compressed.
+
 Positions (`positions="original"` or `"shifted"`):
   original  keys keep their absolute RoPE positions (the H2O paper); `get_seq_length`
             counts every token seen, so the model rotates new tokens at their
@@ -39,7 +43,7 @@ Positions (`positions="original"` or `"shifted"`):
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from ..errors import KvstressError, SpecError
 from ..policy import POSITION_MODES
@@ -161,6 +165,63 @@ class WholeLayer(LinkedLayer):
         return torch.arange(self.kept, device=self.keys.device).expand(batch, heads, -1)
 
 
+class SlidingLayer(LinkedLayer):
+    """A layer the model bounds itself with a sliding window (Gemma 2 / 3's local layers):
+    kept exactly as transformers' DynamicCache keeps it, the last `window - 1` tokens, by its
+    own `DynamicSlidingWindowLayer`; the policy compresses the other layers only. Its slots
+    are the window's tokens in order, so the mask transformers builds for it is right as is."""
+
+    is_sliding = True
+
+    def __init__(self, owner: CompressedCache, layer_idx: int, window: int):
+        super().__init__(owner, layer_idx)
+        self.window = DynamicSlidingWindowLayer(window)
+
+    @property
+    def kept(self) -> int:
+        # The mask's row for this forward's first query (get_query_offset): every token seen,
+        # as the window's slots start at the first token still held (get_mask_sizes' offset).
+        return self.window.get_seq_length()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.window.lazy_initialization(key_states, value_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.layer_idx == 0:
+            self.owner.begin_forward(key_states, value_states)
+        keys, values = self.window.update(key_states, value_states)
+        self._hand_over()
+        return keys, values
+
+    def before_attention(self, query: torch.Tensor, keys: torch.Tensor, mask, options: dict):
+        return mask  # built from a sliding layer's sizes, which every sliding layer shares
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.window.get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self.window.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self.window.get_max_length()
+
+    def reset(self) -> None:
+        self.window.reset()
+
+    @property
+    def nbytes(self) -> int:
+        if not self.window.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.window.keys, self.window.values))
+
+    def kept_positions(self) -> torch.Tensor:
+        if not self.window.is_initialized:
+            return torch.empty(0, 0, 0, dtype=torch.long)
+        batch, heads, held = self.window.keys.shape[:3]
+        seen = self.window.get_seq_length()
+        return torch.arange(seen - held, seen, device=self.window.keys.device).expand(batch, heads, -1)
+
+
 class FixedCapacityLayer(LinkedLayer):
     """One compressed layer's view of a `CompressedCache`; what to evict is the cache's call."""
 
@@ -261,7 +322,9 @@ class CompressedCache(Cache):
     Subclasses say what to evict (`eviction_priority`) and may keep per-slot state of
     their own (`buffer_names`, `_allocate_policy_buffers`, `_score_forward`). A policy
     whose spec has `full_layers` F leaves the model's first F layers whole (`WholeLayer`):
-    they keep every token, and the buffers stack the other layers only.
+    they keep every token, and the buffers stack the other layers only. The layers the model
+    bounds with a sliding window (`sliding_windows`, layer index → window) keep the model's
+    window (`SlidingLayer`), neither stacked nor counted among the F whole ones.
 
     Memory: the buffers hold `capacity + lazy` slots between forwards, plus room for the
     longest forward's new tokens (`chunk`, sized once per run so that the buffers do not
@@ -273,7 +336,7 @@ class CompressedCache(Cache):
     buffer_names: tuple[str, ...] = ("keys", "values", "positions")
 
     def __init__(self, spec, num_layers: int, rotary_embedding, *, positions: str = "original", lazy: int = 0,
-                 seed: int = 0, chunk: int = 1):
+                 seed: int = 0, chunk: int = 1, sliding_windows: dict[int, int] | None = None):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}")
         if lazy < 0:
@@ -283,10 +346,12 @@ class CompressedCache(Cache):
                                         "shifted positions need the model's rotary embedding: use --positions original")
         if chunk < 1:
             raise ValueError(f"chunk room must be 1 or more tokens, got {chunk}")
+        sliding_windows = sliding_windows or {}
         whole = getattr(spec.params, "full_layers", 0)
-        if whole >= num_layers:
+        if whole >= num_layers - len(sliding_windows):
             raise SpecError(f"{spec.name} leaves its first {whole} layers uncompressed but the model has "
-                            f"{num_layers}: use fewer full layers than that, or the full cache (baseline)")
+                            f"{num_layers - len(sliding_windows)} without a sliding window: use fewer full layers "
+                            "than that, or the full cache (baseline)")
         self.spec = spec
         self.capacity = spec.capacity
         self.sink = spec.sink
@@ -313,10 +378,20 @@ class CompressedCache(Cache):
         self.in_graph = False
         self.next_position: torch.Tensor | None = None
         self.next_position_synced = 0  # `seen` when next_position was last set
-        layers = [WholeLayer(self, index) if index < whole else self.layer_class(self, index, index - whole)
-                  for index in range(num_layers)]
-        self.whole_layers = layers[:whole]
-        self.stacked_layers = layers[whole:]
+        layers: list[LinkedLayer] = []
+        self.whole_layers: list[WholeLayer] = []
+        self.stacked_layers: list[FixedCapacityLayer] = []
+        for index in range(num_layers):
+            if index in sliding_windows:
+                layers.append(SlidingLayer(self, index, sliding_windows[index]))
+            elif len(self.whole_layers) < whole:
+                self.whole_layers.append(WholeLayer(self, index))
+                layers.append(self.whole_layers[-1])
+            else:
+                self.stacked_layers.append(self.layer_class(self, index, len(self.stacked_layers)))
+                layers.append(self.stacked_layers[-1])
+        # Layers holding tensors of their own, outside the stacked buffers: whole and sliding ones.
+        self.unstacked_layers = [layer for layer in layers if not isinstance(layer, FixedCapacityLayer)]
         super().__init__(layers=layers)
 
     # -- buffers -------------------------------------------------------------------
@@ -380,25 +455,26 @@ class CompressedCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated: the buffers (keys, values, policy state, the chunk's room) and the whole layers."""
-        return sum(t.numel() * t.element_size() for t in self.buffers.values()) + self._whole_bytes
+        """Bytes allocated: the buffers (keys, values, policy state, the chunk's room), the whole
+        layers and the sliding ones."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values()) + self._unstacked_bytes
 
     @property
     def held_bytes(self) -> int:
         """Bytes the cache holds between forwards: the buffers' `capacity + lazy` slots (and
-        the per-layer state that is not per slot), and the whole layers' tokens."""
-        held = self._whole_bytes
+        the per-layer state that is not per slot), and the whole and sliding layers' tokens."""
+        held = self._unstacked_bytes
         for name, buffer in self.buffers.items():
             size = buffer.numel() * buffer.element_size()
             held += size * (self.capacity + self.lazy) // self.slots if name in self.buffer_names else size
         return held
 
     @property
-    def _whole_bytes(self) -> int:
-        return sum(layer.nbytes for layer in self.whole_layers)
+    def _unstacked_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.unstacked_layers)
 
     def reset_buffers(self) -> None:
-        for layer in self.whole_layers:
+        for layer in self.unstacked_layers:
             layer.reset()
         for name, buffer in self.buffers.items():
             buffer.fill_(-1 if name == "positions" else 0)

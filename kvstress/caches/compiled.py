@@ -10,7 +10,8 @@ What would make the graph depend on the step is kept out of it: the new token's
 absolute position is read from `cache.next_position` (a tensor) and the model gets
 explicit `position_ids`; the Python counters (`seen`) move on after the step, here.
 Any step that is not a steady-state one-token step (prefill chunks, a cache still
-filling up, the sinks not yet in, lazy eviction) runs eagerly, unchanged.
+filling up, the sinks not yet in, lazy eviction, a model with whole or sliding-window layers,
+which concatenate) runs eagerly, unchanged.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class CompiledDecode:
     @staticmethod
     def compiles(cache, input_ids: torch.Tensor) -> bool:
         """Whether this forward is a steady-state decode step the graph covers."""
-        if not isinstance(cache, CompressedCache) or input_ids.shape[1] != 1 or cache.lazy or cache.whole_layers:
+        if not isinstance(cache, CompressedCache) or input_ids.shape[1] != 1 or cache.lazy or cache.unstacked_layers:
             return False
         return cache.slots > 0 and cache.kept == cache.capacity and cache.seen >= cache.sink
 

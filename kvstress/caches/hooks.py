@@ -18,10 +18,11 @@ forward clean, and in shifted mode lets the model position the new tokens right 
 the kept ones (a caller such as generate() passes absolute position_ids).
 
 Which families can be served is decided before anything runs: the layer types
-transformers' own DynamicCache would build from the config (sliding-window, chunked and
-recurrent layers are refused by name), whether the attention modules' code looks its
-kernel up in the interface at all (Falcon's does not), and for shifted positions, the
-model's own rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
+transformers' own DynamicCache would build from the config (sliding-window layers keep
+the model's window, the others are compressed; chunked and recurrent layers, and models
+whose every layer is sliding, are refused by name), whether the attention modules' code
+looks its kernel up in the interface at all (Falcon's does not), and for shifted
+positions, the model's own rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class AttentionLinks:
 
     num_layers: int
     rotary_embedding: Rotary
+    sliding_windows: dict[int, int]  # layer index → the model's window, for its sliding-window layers
 
 
 def _cache_from(kwargs: dict):
@@ -188,13 +190,15 @@ def _refusal(model: nn.Module, config) -> str | None:
         return (f"{name}'s attention ({', '.join(sorted(outside))}) does not run through transformers' attention "
                 f"interface, where compressed caches see the queries: {baseline}, or quant_B_R")
     kinds = set(_layer_types(config))
-    if kinds & {"sliding_attention", "chunked_attention"}:
-        which = "chunked" if "chunked_attention" in kinds else "sliding-window"
-        window = "" if kinds - {"sliding_attention", "chunked_attention"} else " (set on every layer)"
-        return (f"{name} has {which} attention layers{window}, which the model bounds itself and compressed caches "
-                f"do not yet combine with: {baseline}, or a config without the window")
-    if kinds - {"full_attention"}:
-        others = ", ".join(sorted(kinds - {"full_attention"}))
+    if "chunked_attention" in kinds:
+        return (f"{name} has chunked attention layers, which attend within fixed chunks of absolute positions that "
+                f"a compressed cache's slots do not keep: {baseline}, or a config without chunks")
+    if kinds == {"sliding_attention"}:
+        window = max(_sliding_windows(config).values())
+        return (f"{name} bounds every layer with its sliding window of {window} tokens itself, which leaves "
+                f"compressed caches nothing to compress: {baseline}, which holds at most that many per layer")
+    if kinds - {"full_attention", "sliding_attention"}:
+        others = ", ".join(sorted(kinds - {"full_attention", "sliding_attention"}))
         return f"{name} has layers of type {others}, which compressed caches do not serve: {baseline}"
     if getattr(config, "alibi", False):
         return (f"{name} uses ALiBi position biases, which follow the slots rather than the tokens kept: "
@@ -207,6 +211,13 @@ def _layer_types(config) -> list[str]:
     return get_layer_types_and_kwargs(config)[0]
 
 
+def _sliding_windows(config) -> dict[int, int]:
+    """Layer index → window, for the layers transformers' DynamicCache keeps in a sliding window."""
+    kinds, options = get_layer_types_and_kwargs(config)
+    return {index: option["sliding_window"] for index, (kind, option) in enumerate(zip(kinds, options))
+            if kind == "sliding_attention"}
+
+
 def _rotary(model: nn.Module, config) -> Rotary:
     """The model's own rotary embedding and rotation, or why shifted positions are refused."""
     name = type(model).__name__
@@ -215,7 +226,7 @@ def _rotary(model: nn.Module, config) -> Rotary:
     no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3, Llama 4: 1 where a layer has rotary
     unrotated = frozenset(index for index, rotated in enumerate(no_rope or []) if not rotated)
     if config.model_type in _ROTARY_ON_SLIDING_LAYERS_ONLY:
-        unrotated = frozenset(range(config.num_hidden_layers))  # sliding layers are refused up front
+        unrotated = frozenset(range(config.num_hidden_layers))  # with sliding layers, shifted is refused below
     rope = getattr(config, "rope_parameters", None) or {}
     rope = rope.get("full_attention", rope)  # one set per layer type (Gemma 3, OLMo 3): the served layers'
     rope_type = rope.get("rope_type", "default")
@@ -227,6 +238,10 @@ def _rotary(model: nn.Module, config) -> Rotary:
         why_not = "caches multi-head latent attention's latents, with the rotary part of the keys apart"
     elif not embeddings or apply is None or list(inspect.signature(apply).parameters)[:4] != ["q", "k", "cos", "sin"]:
         why_not = "has no rotary embedding that kvstress can call"  # GPT-J's rotates one tensor: (x, sin, cos)
+    elif "sliding_attention" in _layer_types(config):
+        # The model masks a sliding layer's window by absolute position: moved, its tokens would
+        # fall in or out of it, and the window layers' keys would need turning too.
+        why_not = "has sliding-window layers, whose window the model counts in absolute positions"
     elif len(embeddings) > 1:
         why_not = "has several rotary embeddings"
     elif rope_type in _LENGTH_DEPENDENT_ROPE:
@@ -250,7 +265,8 @@ def attach(model: nn.Module) -> AttentionLinks:
     if refusal:
         raise UnsupportedModelError(refusal)
     _install_interface()
-    links = AttentionLinks(num_layers=config.num_hidden_layers, rotary_embedding=_rotary(model, config))
+    links = AttentionLinks(num_layers=config.num_hidden_layers, rotary_embedding=_rotary(model, config),
+                           sliding_windows=_sliding_windows(config))
 
     def before_forward(module, args, kwargs):
         # A forward that failed half-way (out of memory) must not leave its last layer waiting.
