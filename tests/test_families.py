@@ -10,15 +10,20 @@ shorter than the tokens, and their sliding layers must hold what transformers' o
 DynamicCache holds there, counted in the cache's bytes. Two checks that do not lean on
 that invariant: H2O's scores are the attention weights the model's own eager kernel
 returns (softcap, sinks, latent attention included), and in shifted mode the keys turned
-after evictions are those the model would rotate at their new positions. Each refused
-family must be refused, through the CLI, in one line naming why (exit 2, no traceback).
+after evictions are those the model would rotate at their new positions. Each supported
+family also runs, through the CLI, one needle point and one batch point (batch sizes 1
+and 2) with an H2O cache that evicts. Each refused family must be refused, through the
+CLI, in one line naming why (exit 2, no traceback).
 """
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import transformers
+from command_runs import COMMANDS
 from test_caches import stream, token_ids, with_cache
 from transformers import AutoModelForCausalLM, DynamicCache
 from typer.testing import CliRunner
@@ -27,6 +32,8 @@ from kvstress import make_cache
 from kvstress.caches import UnsupportedModelError, cache_sizes, cached_tokens
 from kvstress.cli import app
 from kvstress.models import attention_implementation
+from kvstress.needle import needle_cells
+from kvstress.results import load_results
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=300, max_position_embeddings=512,
@@ -281,7 +288,7 @@ def test_shifted_positions_refused_by_name_where_keys_cannot_be_turned(models, f
     assert "use --positions original" in str(refused.value) and "\n" not in str(refused.value)
 
 
-# -- refused families -------------------------------------------------------------------
+# -- a needle and a batch point, through the CLI -----------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +296,63 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "book.txt"
     path.write_text("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 20)
     return path
+
+
+# The shared small runs cut to one point each (a repeated option's last value wins), with a
+# scored policy whose capacity (32) is below the 96 tokens: it evicts.
+EVICTING = "h2o_2_4_32"
+POINTS = {
+    "needle": [*COMMANDS["needle"], "--lengths", "96", "--depths", "50", "--needles", "1", "--max-new-tokens", "2",
+               "--chunk", "16"],
+    "batch": [*COMMANDS["batch"], "--length", "96", "--batch-sizes", "1,2", "--decode-steps", "3", "--chunk", "16"],
+}
+
+
+@pytest.fixture
+def cheap_garbage_collection():
+    """Every point frees memory with gc.collect(), ~0.3 s with this module's models and the
+    test process's imports on the heap: none of them is the point's garbage, so the
+    collector is kept from looking at them while the point runs (as in test_batch.py)."""
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+def run_point(command: str, family: str, tmp_path, text_file) -> dict:
+    """One point of `command` on the family's tiny model, through the CLI: its results."""
+    path, out = tmp_path / "config.json", tmp_path / f"{command}.json"
+    family_config(*SUPPORTED[family]).to_json_file(path)
+    result = runner.invoke(app, [*POINTS[command], "--model", f"random:{path}", "-m", EVICTING,
+                                 "--dataset", str(text_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    doc = load_results(out)
+    assert doc["kind"] == command and doc["complete"] is True, result.output
+    return doc
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_a_needle_point_runs(tmp_path, text_file, cheap_garbage_collection, family):
+    doc = run_point("needle", family, tmp_path, text_file)
+    assert [(c["method"], c["length"], c["depth"], c["status"], c["trials"], len(c["answers"]))
+            for c in needle_cells(doc)] == [(EVICTING, 96, 50.0, "ok", 1, 1)]
+    cell = needle_cells(doc)[0]
+    assert cell["exact"] + cell["partial"] + cell["wrong"] == 1
+    assert [(r["method"], r["length"], r["status"]) for r in doc["records"]] == [(EVICTING, 96, "ok")]
+    assert doc["records"][0]["cache_tokens"] == 32  # evicted down to capacity
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_a_batch_point_runs(tmp_path, text_file, cheap_garbage_collection, family):
+    doc = run_point("batch", family, tmp_path, text_file)
+    assert [(r["method"], r["batch_size"], r["length"], r["status"]) for r in doc["records"]] == [
+        (EVICTING, 1, 96, "ok"), (EVICTING, 2, 96, "ok")]
+    assert all(r["cache_tokens"] == 32 and r["throughput_tok_s"] > 0 for r in doc["records"])
+    events = [e for e in doc["events"] if e["type"] == "max_batch"]
+    assert [(e["method"], e["batch_size"], e["first_oom"], e["probes"]) for e in events] == [(EVICTING, 2, None, [1, 2])]
+
+
+# -- refused families -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", REFUSED)
