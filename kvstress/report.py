@@ -42,6 +42,7 @@ from pathlib import Path
 
 from .events import (
     BOOKS_EVENT,
+    BUDGET_SLACK,
     OVERALL_EVENT,
     best_per_budget,
     book_spreads,
@@ -308,10 +309,11 @@ def frontier_report(path: Path | str) -> Report:
     for task in tasks:
         columns += [f"Best by {task}", f"{task} acc (kept)"]
     rows = []
-    for best in best_per_budget(points):
+    for best in best_per_budget(points, doc["config"]["tokens"]):
         budget = best["budget"]
         row = dict.fromkeys(columns)
-        row["Budget"] = f"{budget:g} ({best['capacity']} tokens)" if isinstance(budget, float) else f"{budget} tokens"
+        row["Budget"] = (f"{budget:g} ({best['capacity']} tokens)" if isinstance(budget, float)
+                         else f"{budget} tokens ({best['share']:.1%})")
         by_ppl = best["best_ppl"]
         if by_ppl is not None:
             ratio = by_ppl["perplexity"] / full["perplexity"] if full["perplexity"] else None
@@ -331,6 +333,8 @@ def frontier_report(path: Path | str) -> Report:
     held = "–" if full["cache_bytes"] is None else f"{full['cache_bytes'] / 1e6:.1f} MB"
     notes = [f"full cache: perplexity {format_value(' PPL', full['perplexity'])} ({text}, {config.get('ppl_mode')}, "
              f"{config.get('tokens')} tokens), {accuracy or 'no retrieval'}, KV held {held}",
+             f"Budget: its tokens' share of the full cache's bytes; the best of every point holding at most that share "
+             f"(× {BUDGET_SLACK:g}, for scores and positions), whatever its own budget",
              "PPL kept: the full cache's perplexity ÷ the policy's; acc kept: its mean exact-answer rate ÷ the full "
              "cache's; KV bytes: what the cache holds at the run's length, measured, ÷ the full cache's"]
     return Report(columns, rows, notes)

@@ -177,13 +177,31 @@ def test_points_read_bytes_quality_and_cost_from_the_file(frontier_file):
 
 
 def test_the_table_names_the_best_policy_per_budget_and_what_it_keeps(frontier_file):
-    rows = best_per_budget(frontier_points(load_results(frontier_file)))
+    rows = best_per_budget(frontier_points(load_results(frontier_file)), 256)
     assert [(r["budget"], r["best_ppl"]["method"]) for r in rows] == [(64, "h2o_4_8_64"), (128, "h2o_4_16_128")]
     assert rows[1]["best_ppl"]["kept"] == pytest.approx(10 / 11)
     assert rows[1]["best_accuracy"]["needle"]["method"] == "h2o_4_16_128"
     assert rows[0]["best_accuracy"] == {}  # nothing answered at 64 tokens: no best to name
     text = render(build_report([frontier_file]), "markdown")
     assert "| 128 tokens" in text and "h2o_4_16_128" in text and "90.9%" in text
+
+
+def test_a_budget_is_bytes_a_cache_with_every_token_in_fewer_bits_competes_where_it_fits():
+    def point(method, budget, held, perplexity):
+        return {"method": method, "policy": method.split("_")[0], "budget": budget, "capacity": budget,
+                "cache_bytes": held, "bytes_fraction": held / 1000, "perplexity": perplexity,
+                "accuracy": {}, "accuracy_ratio": {}, "status": "ok"}
+
+    points = [point("baseline", None, 1000, 10.0),
+              point("streaming_4_100", 100, 100, 14.0), point("h2o_4_12_100", 100, 104, 13.0),
+              point("streaming_4_250", 250, 250, 12.0),
+              # a 4-bit cache: its bytes are not its budget's (100 tokens) but 20 % of the full cache's
+              point("quant_4_100", 100, 200, 10.5), point("quant_4_250", 250, 200, 10.4)]
+    rows = best_per_budget(points, 1000)
+    # 10 % of the bytes: H2O (4 % over, for its scores) fits, the 4-bit cache does not, though labelled 100.
+    assert rows[0]["best_ppl"]["method"] == "h2o_4_12_100"
+    # 25 % of the bytes: every point at 20 % competes, the best of them the 4-bit cache.
+    assert rows[1]["best_ppl"]["method"] == "quant_4_250" and rows[1]["share"] == 0.25
 
 
 def test_the_figure_has_a_panel_per_measure_a_line_per_policy_and_the_fronts(frontier_file, tmp_path):
