@@ -139,7 +139,7 @@ EOF
 }
 
 gpu_tests() {
-    bounded "$python" -m pytest -m gpu tests/test_gpu.py -q -rsxX -p no:cacheprovider 2>&1 | tee "$results/pytest.log"
+    bounded "$python" -m pytest -m gpu tests/test_gpu.py -q -rsxX -n 0 -p no:cacheprovider 2>&1 | tee "$results/pytest.log"
 }
 
 sweep() {
