@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
+from command_runs import filler_text
 from typer.testing import CliRunner
 
 from kvstress.cli import app
@@ -33,19 +33,10 @@ runner = CliRunner()
 LENGTH = 300
 
 
-def _text(sentences: int = 400, seed: int = 1) -> str:
-    rng = random.Random(seed)
-    words = "the of and a to in is was it that he she they we you for on with as at by this from but not".split()
-    return " ".join(
-        " ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + "."
-        for _ in range(sentences)
-    )
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "hay.txt"
-    path.write_text(_text(), encoding="utf-8")
+    path.write_text(filler_text(400), encoding="utf-8")
     return path
 
 
@@ -56,7 +47,7 @@ def builder():
 
 @pytest.fixture(scope="module")
 def haystack(builder):
-    return Haystack(ByteTokenizer().encode(_text()), builder)
+    return Haystack(ByteTokenizer().encode(filler_text(400)), builder)
 
 
 # --- placement -------------------------------------------------------------------------

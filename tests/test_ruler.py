@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+from command_runs import filler_text
 from typer.testing import CliRunner
 
 from kvstress.cli import app
@@ -30,15 +31,6 @@ runner = CliRunner()
 LENGTHS = {"multikey": 900, "vartrack": 1700}
 
 
-def _text(sentences: int = 600, seed: int = 1) -> str:
-    rng = random.Random(seed)
-    words = "the of and a to in is was it that he she they we you for on with as at by this from but not".split()
-    return " ".join(
-        " ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + "."
-        for _ in range(sentences)
-    )
-
-
 @pytest.fixture(scope="module")
 def builder():
     return PromptBuilder(ByteTokenizer())
@@ -46,7 +38,7 @@ def builder():
 
 def _trials(builder, task: str, depths=(0.0, 50.0, 100.0), needles: int = 2, seed: int = 0):
     length = LENGTHS[task]
-    haystack = task_haystack(builder, task, ByteTokenizer().encode(_text()), length)
+    haystack = task_haystack(builder, task, ByteTokenizer().encode(filler_text(600)), length)
     return make_trials(builder, haystack, [length], list(depths), needles, seed, task)
 
 
@@ -195,7 +187,7 @@ def test_unknown_task_is_a_one_line_error_naming_the_choices(tmp_path):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "hay.txt"
-    path.write_text(_text(), encoding="utf-8")
+    path.write_text(filler_text(600), encoding="utf-8")
     return path
 
 
