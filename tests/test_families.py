@@ -19,6 +19,7 @@ CLI, in one line naming why (exit 2, no traceback).
 from __future__ import annotations
 
 import gc
+import importlib
 
 import pytest
 import torch
@@ -132,6 +133,10 @@ REFUSED = {
     "gemma3-two-sliding": ("Gemma3TextConfig", dict(head_dim=16),  # the published pattern's first two layers
                            "Gemma3ForCausalLM bounds every layer with its sliding window"),
 }
+if not hasattr(importlib.import_module("transformers.models.gptj.modeling_gptj"), "ALL_ATTENTION_FUNCTIONS"):
+    # GPT-J's attention joined the attention interface after transformers 5.17: refused before.
+    ORIGINAL_ONLY.pop("gptj")
+    REFUSED["gptj"] = (*SUPPORTED.pop("gptj"), "GPTJForCausalLM's attention (GPTJAttention) does not run through")
 
 # Every built-in compressed policy, capacity 24 (the tokens of the exactness check); the fast
 # tier runs the seed's two and TOVA, the slow one the others too.

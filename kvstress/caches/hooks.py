@@ -214,6 +214,8 @@ def _layer_types(config) -> list[str]:
 def _sliding_windows(config) -> dict[int, int]:
     """Layer index → window, for the layers transformers' DynamicCache keeps in a sliding window."""
     kinds, options = get_layer_types_and_kwargs(config)
+    if isinstance(options, dict):  # transformers before per-layer options: the same for every layer
+        options = [options] * len(kinds)
     return {index: option["sliding_window"] for index, (kind, option) in enumerate(zip(kinds, options))
             if kind == "sliding_attention"}
 
