@@ -102,6 +102,17 @@ def test_a_failing_plugin_in_a_frontier_is_its_failed_point_and_the_others_run(f
     assert "boom_4_48" in result.output.split("failed:")[-1]
 
 
+def test_a_failing_plugin_in_compare_is_its_failed_point_and_the_table_still_prints(failing_policy, text_file, tmp_path):
+    result = runner.invoke(app, ["compare", "--model", "tiny-random", "--datasets", str(text_file), *METHODS,
+                                 "--tokens", "384", "--chunk", "32", "--out-dir", str(tmp_path)])
+    assert result.exit_code == FAILED_EXIT and "Traceback" not in result.output, result.output
+    [written] = tmp_path.glob("*.json")
+    records = json.loads(written.read_text())["records"]
+    assert {r["method"] for r in records if r["status"] == "error"} == {"boom_4_48"}
+    assert {r["method"] for r in records if r["status"] == "ok"} == {"baseline", "streaming_4_48"}
+    assert "| baseline" in result.output and "boom_4_48" in result.output.split("failed:")[-1]
+
+
 def test_a_failed_method_is_measured_again_on_resume(failing_policy, text_file, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     assert run("sweep", text_file, out).exit_code == FAILED_EXIT
