@@ -597,6 +597,9 @@ class FrontierConfig(RunConfig):
                               f"got {self.decode_steps}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"--tasks must name each task once, e.g. {','.join(TASKS)}")
+        unknown = [task for task in self.tasks if task not in TASKS]
+        if unknown:
+            raise ConfigError(f"unknown --tasks {','.join(unknown)}: use some of {', '.join(TASKS)}")
         self.ppl_config()
         for task in self.tasks:
             self.needle_config(task)

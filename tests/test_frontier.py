@@ -117,6 +117,7 @@ def test_the_config_stores_its_plan_and_checks_its_methods():
     (["--capacity", "256"], "drop --capacity"),
     (["--books", "3", "--dataset", "wikitext"], "--dataset pg19 or shakespeare"),
     (["--tasks", "needle,needle"], "each task once"),
+    (["--tasks", "needle,haystack"], "unknown --tasks haystack: use some of needle, multikey, vartrack"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, fix):
     result = runner.invoke(app, ["frontier", "--model", "tiny-random", "--out", str(tmp_path / "f.json"), *extra])
