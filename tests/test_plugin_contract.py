@@ -61,7 +61,9 @@ PRIORITIES = {
     "listprio": lambda cache, total: positions(cache, total).tolist(),
     "oldestfirst": lambda cache, total: positions(cache, total),  # would evict the sinks first
     "newestfirst": lambda cache, total: -positions(cache, total).float(),  # would evict the window first
-    "keepall": lambda cache, total: torch.full(positions(cache, total).shape, float("inf")),  # ties everywhere
+    "posinfprio": lambda cache, total: positions(cache, total).float().masked_fill(positions(cache, total) == 5,
+                                                                                  float("inf")),
+    "alltie": lambda cache, total: torch.full(positions(cache, total).shape, torch.finfo(torch.float32).max),
     "nanprotected": nan_at_protected,
 }
 
@@ -111,8 +113,9 @@ def got(shape: str, dtype: str = "float32", device: str = "cpu") -> str:
 # name, hook, the message after the hook as a pattern, given the total at the first eviction
 REFUSALS = [
     ("nanprio", "eviction_priority", lambda total: f"gave NaN to {ROWS * HEADS * (total - 2 - 6)} slots it may evict "
-                                                   rf"\(shape {layout(total)}\): .*NaN and -inf are refused"),
+                                                   rf"\(shape {layout(total)}\): .*NaN, -inf and \+inf are refused"),
     ("neginfprio", "eviction_priority", lambda total: f"gave -inf to {ROWS * HEADS} slots it may evict"),
+    ("posinfprio", "eviction_priority", lambda total: re.escape(f"gave +inf to {ROWS * HEADS} slots it may evict")),
     ("nanscores", re.escape("update_scores (the scores eviction_priority ranks)"), lambda total: "gave NaN to"),
     ("flatprio", "eviction_priority", lambda total: got(f"[{ROWS}, {total}]") + layout(total)),
     ("shortprio", "eviction_priority", lambda total: got(f"[{ROWS}, {HEADS}, {total - 1}]") + layout(total)),
@@ -143,8 +146,8 @@ def test_sinks_and_window_are_kept_whatever_the_priority_says(model, chunk):
     for layer in range(2):
         assert oldest_first.kept_positions(layer).tolist() == [[sinks + list(range(48, 70))] * HEADS] * BATCH
         assert newest_first.kept_positions(layer).tolist() == [[list(range(18)) + window] * HEADS] * BATCH
-    # +inf everywhere: every candidate ties, and the protected ones still rank above them all.
-    kept = run(model, "keepall", chunk).kept_positions(1)
+    # The largest number everywhere: every candidate ties, and the protected ones still rank above them all.
+    kept = run(model, "alltie", chunk).kept_positions(1)
     assert kept.shape == (BATCH, HEADS, 24)
     assert all(set(sinks + window) <= set(row) for sequence in kept.tolist() for row in sequence)
 

@@ -9,15 +9,15 @@ must be
     `cache._flat("positions", 0, total)`), on the cache's device, of a floating-point
     or integer dtype. The lowest `total - capacity` of each row are evicted.
 
-Values (floating point): finite numbers or +inf, which keeps a slot while any other
-ranks lower. NaN is refused: it has no order (argmin takes it first, topk last), so
-it would evict arbitrary tokens. -inf is refused: it is what a score that lost its
-value becomes (log 0, a float16 overflow), never a deliberate ranking; a policy that
-wants a slot gone first gives it its lowest finite score.
+Values (floating point): finite numbers. NaN is refused: it has no order (argmin takes it
+first, topk last), so it would evict arbitrary tokens. -inf and +inf are refused: they are
+what a score that lost its value becomes (log 0, exp or a float16 overflow), never a
+deliberate ranking; a policy that wants a slot gone first, or kept, gives it its lowest or
+highest finite score.
 
 Whatever the priority says, the base protects the policy's declared sizes (`sink`,
 `window`): the sinks are never candidates, and the `window` most recent tokens rank
-above every candidate, +inf included. The priority's values at protected slots are not
+above every candidate. The priority's values at protected slots are not
 read, so they are neither refused nor obeyed.
 
 A refusal is a PolicyError: one line naming the policy, the hook, the shape expected
@@ -58,18 +58,16 @@ def choose_victims(cache, total: int) -> torch.Tensor:
     if cache.window:
         recent = cache._flat("positions", sink, total) >= cache.seen_after_update() - cache.window
     if excess == 1 and not cache.in_graph:
-        # The decode step's eviction: the victims' own values are read back, not every
-        # candidate's. argmin takes a NaN or a -inf first, so they show among them, and
-        # a victim at the protected slots' value is a tie that may have taken a recent token.
+        # The decode step's eviction: one read tells whether anything is off (the victims'
+        # values and the largest candidate, see _suspect), not every candidate's value.
         values, victims = _protected(candidates, recent, strict=False).min(dim=-1, keepdim=True)
-        if not _suspect(values, recent is not None):
+        if not _suspect(values, candidates, recent):
             return victims.add_(sink) if sink else victims
     # A chunk's eviction, a suspect step, or a compiled graph (which reads nothing back):
-    # the window strictly above every candidate, every candidate checked (topk ranks NaN
-    # last, where the victims' values would not show it).
+    # every candidate checked, then the window strictly above every candidate.
+    if candidates.is_floating_point() and not cache.in_graph:
+        _check_values(cache, candidates, recent, positions)
     ranked = _protected(candidates, recent, strict=True)
-    if ranked.is_floating_point() and not cache.in_graph:
-        _check_values(cache, ranked, positions)
     if excess == 1:
         victims = ranked.argmin(dim=-1, keepdim=True)
     else:
@@ -89,13 +87,16 @@ def _protected(candidates: torch.Tensor, recent: torch.Tensor | None, *, strict:
     return candidates.masked_fill(recent, top)
 
 
-def _suspect(values: torch.Tensor, protecting: bool) -> bool:
-    """Whether the victims' values [rows, kv_heads, 1] hold NaN, -inf or, under protection, the top value."""
+def _suspect(values: torch.Tensor, candidates: torch.Tensor, recent: torch.Tensor | None) -> bool:
+    """Whether the victims' values [rows, kv_heads, 1] or the candidates may hold what the contract
+    refuses, or, under protection, a victim ties with the window's top value."""
     if values.is_floating_point():
-        # One read: the sum is finite unless a value is NaN or infinite (or the sum overflows,
-        # which only costs the careful path).
-        return not math.isfinite(values.sum().item())
-    return protecting and values.amax().item() == _ranks(values.dtype)[1]
+        # One read: argmin takes a NaN or a -inf first, so the victims' sum is finite unless one is
+        # there; the largest unprotected candidate is finite unless one is +inf (or NaN). A sum that
+        # overflows only costs the careful path.
+        unprotected = candidates if recent is None else candidates.masked_fill(recent, 0)
+        return not all(map(math.isfinite, torch.stack((values.sum(), unprotected.amax())).tolist()))
+    return recent is not None and values.amax().item() == _ranks(values.dtype)[1]
 
 
 @functools.cache
@@ -125,18 +126,16 @@ def _check_form(cache, priority, positions: torch.Tensor) -> None:
     raise PolicyError(f"{_source(cache)} returned {got}, expected shape {expected} on {positions.device}: {fix}")
 
 
-def _check_values(cache, candidates: torch.Tensor, positions: torch.Tensor) -> None:
-    # amin propagates NaN and is -inf when any candidate is: one reduction and one read
-    # tell both, where isnan().any() and isneginf().any() would take four ops.
-    lowest = candidates.amin().item()
-    if not (math.isnan(lowest) or lowest == -math.inf):
+def _check_values(cache, candidates: torch.Tensor, recent: torch.Tensor | None, positions: torch.Tensor) -> None:
+    # The window's values are not read, so not checked; one reduction and one read when all is well.
+    unprotected = candidates if recent is None else candidates.masked_fill(recent, 0)
+    if bool(unprotected.isfinite().all()):
         return
-    nan, negative = candidates.isnan(), candidates.isneginf()
-    kind = "NaN" if nan.any() else "-inf"
-    count = int((nan if kind == "NaN" else negative).sum())
-    raise PolicyError(f"{_source(cache)} gave {kind} to {count} slots it may evict "
-                      f"(shape {_expected(positions)}): give every slot a number, lowest evicted first; "
-                      f"+inf keeps a slot, NaN and -inf are refused")
+    found = {"NaN": unprotected.isnan(), "+inf": unprotected.isposinf(), "-inf": unprotected.isneginf()}
+    kind, where = next((kind, where) for kind, where in found.items() if where.any())
+    raise PolicyError(f"{_source(cache)} gave {kind} to {int(where.sum())} slots it may evict "
+                      f"(shape {_expected(positions)}): give every slot a finite number, lowest evicted first; "
+                      f"NaN, -inf and +inf are refused")
 
 
 def _expected(positions: torch.Tensor) -> str:
