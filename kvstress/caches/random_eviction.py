@@ -36,6 +36,5 @@ class RandomCache(CompressedCache):
         rows, heads = positions.shape[:2]
         lanes = torch.arange(rows * heads, device=positions.device).view(rows, heads, 1)
         seen = self.seen_after_update()
-        priority = mix(positions * POSITION + seen * STEP + lanes * LANE + (self.seed % (1 << 32)) * SEED)
-        protected = (positions < self.sink) | (positions >= seen - self.window)
-        return priority.masked_fill(protected, torch.iinfo(torch.long).max)
+        # The base keeps the sinks and the recent window out of the draw (contract.py).
+        return mix(positions * POSITION + seen * STEP + lanes * LANE + (self.seed % (1 << 32)) * SEED)

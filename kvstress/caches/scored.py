@@ -50,8 +50,8 @@ class ScoredCache(CompressedCache):
         return {"scores": torch.zeros(shape, dtype=torch.float32, device=key_like.device)}
 
     def _start_policy_state(self, start: int, total: int) -> None:
-        # New tokens start from nothing, except sinks, which start (and stay) at +inf so
-        # that eviction only has to protect the recent window. A compiled decode step
+        # New tokens start from nothing, except sinks, which start (and stay) at +inf; the
+        # base never makes the sinks candidates either (contract.py). A compiled decode step
         # only runs once the sinks are in (see CompiledDecode).
         self._flat("scores", start, total).zero_()
         new_sinks = 0 if self.in_graph else min(max(self.sink - self.seen, 0), total - start)

@@ -17,6 +17,5 @@ from .base import CompressedCache
 
 class StreamingCache(CompressedCache):
     def eviction_priority(self, total: int) -> torch.Tensor:
-        positions = self._flat("positions", 0, total)
-        # Oldest first; sinks never.
-        return positions.masked_fill(positions < self.sink, torch.iinfo(torch.long).max)
+        # Oldest first; the base never lets the sinks be candidates (contract.py).
+        return self._flat("positions", 0, total)
