@@ -70,6 +70,10 @@ SUPPORTED = {
     "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),  # partial rotary, rotated around apply_rotary_pos_emb
     "stablelm": ("StableLmConfig", dict(partial_rotary_factor=0.25)),
     "gpt-neox": ("GPTNeoXConfig", dict(rotary_pct=0.25)),  # fused query_key_value, partial rotary
+    # Fused query_key_value, attention computed by the module itself with torch's SDPA.
+    "falcon": ("FalconConfig", dict(num_kv_heads=2, new_decoder_architecture=True)),  # 40B / 180B: GQA
+    "falcon-7b": ("FalconConfig", dict(multi_query=True, new_decoder_architecture=False,
+                                       parallel_attn=True)),  # one KV head
     "glm": ("GlmConfig", dict(head_dim=16)),  # partial, interleaved rotary
     "glm4": ("Glm4Config", dict(head_dim=16)),
     "cohere": ("CohereConfig", {}),  # interleaved rotary
@@ -109,8 +113,8 @@ ORIGINAL_ONLY = {**dict.fromkeys(HYBRIDS, "sliding-window layers, whose window t
 
 # family → (config class, what differs from SHAPE, what the one-line refusal says).
 REFUSED = {
-    "falcon": ("FalconConfig", dict(num_kv_heads=2, new_decoder_architecture=True),
-               "FalconForCausalLM's attention (FalconAttention) does not run through transformers' attention interface"),
+    "falcon-alibi": ("FalconConfig", dict(alibi=True, multi_query=False, new_decoder_architecture=False),  # RW-1B
+                     "FalconForCausalLM uses ALiBi position biases"),
     "bloom": ("BloomConfig", {}, "BloomForCausalLM's attention (BloomAttention) does not run through"),
     "mpt": ("MptConfig", dict(d_model=64, n_layers=2, n_heads=4), "MptForCausalLM's attention (MptAttention) does not"),
     "gpt-neo": ("GPTNeoConfig", dict(attention_types=[[["global", "local"], 1]]),
@@ -251,15 +255,17 @@ def test_h2o_scores_are_the_attention_the_models_own_kernel_pays(family, chunk):
     """H2O's score of a token is the attention the model's kernel paid it, summed over the
     queries so far and over the query heads made from its cached KV head (a GQA group;
     under latent attention, every head), with the family's softcap or sinks: the weights
-    the model's eager attention returns, while the tokens fit."""
-    model = build(family, attention="eager")
+    the weights the same model's eager attention returns with the full cache, while the
+    tokens fit (H2O runs with the attention kvstress loads: Falcon's SDPA)."""
+    model, eager = build(family), build(family, attention="eager")
     sink, length = 2, 20
     ids = token_ids(2, length, seed=4)
-    cache = make_cache(f"h2o_{sink}_4_24", model, chunk=chunk)
+    cache, full = make_cache(f"h2o_{sink}_4_24", model, chunk=chunk), DynamicCache(config=model.config)
     paid = None  # [layers, batch, heads, length]
     with torch.no_grad():
         for first in range(0, length, chunk):
-            weights = model(ids[:, first : first + chunk], output_attentions=True, **with_cache(model, cache)).attentions
+            model(ids[:, first : first + chunk], **with_cache(model, cache))
+            weights = eager(ids[:, first : first + chunk], output_attentions=True, **with_cache(eager, full)).attentions
             weights = [weights[layer.layer_idx] for layer in cache.stacked_layers]  # not the sliding ones
             forward = torch.stack([torch.nn.functional.pad(w.sum(dim=2), (0, length - w.shape[-1])) for w in weights])
             paid = forward if paid is None else paid + forward
@@ -374,18 +380,70 @@ def test_refused_in_one_line_through_the_cli(tmp_path, text_file, family):
     assert len(errors) == 1 and message in errors[0] and "use baseline" in errors[0], result.output
 
 
+def test_falcon_is_refused_where_it_computes_attention_inline():
+    """Falcon's eager branch computes attention with its own matmuls, where no cache sees the queries."""
+    with pytest.raises(UnsupportedModelError, match="FalconAttention.*torch's SDPA") as refused:
+        make_cache("h2o_2_4_24", build("falcon", attention="eager"))
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("family", ["mamba", "zamba2", "falcon-h1", "mistral-window", "llama4"])
+def test_quantized_cache_refused_in_one_line_where_nothing_is_a_token_cache_to_quantize(tmp_path, text_file, family):
+    """A recurrent state is not tokens to quantize, and a model that bounds every layer itself
+    leaves the full-attention layers a quantized cache quantizes empty: one line, exit 2."""
+    config_class, changes, _ = REFUSED[family]
+    path = tmp_path / "config.json"
+    family_config(config_class, changes).to_json_file(path)
+    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "quant_4_16", "--lengths", "64",
+                                 "--chunk", "32", "--decode-steps", "3", "--dataset", str(text_file),
+                                 "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    why = "keeps a recurrent state" if family not in ("mistral-window", "llama4") else "leaves quant_4_16 nothing"
+    assert len(errors) == 1 and why in errors[0] and "use baseline" in errors[0], result.output
+
+
+@pytest.mark.parametrize("family", HYBRIDS)
+def test_quantized_cache_keeps_the_models_window_in_sliding_layers(models, family):
+    """transformers' QuantizedCache refuses hybrid models; kvstress's quantizes the global
+    layers and keeps each sliding layer as transformers' DynamicCache keeps it: the same
+    window of full-precision keys and values, counted in the cache's bytes."""
+    model = models(family)
+    ids = token_ids(2, 100, seed=2)
+    cache, full = make_cache("quant_4_16", model), DynamicCache(config=model.config)
+    stream(model, cache, ids, 8)
+    stream(model, full, ids, 8)
+    sliding = [index for index, layer in enumerate(full.layers) if layer.is_sliding]
+    assert sliding and len(sliding) < len(full.layers)
+    window_bytes = 0
+    for index, (layer, reference) in enumerate(zip(cache.layers, full.layers)):
+        if index in sliding:
+            assert layer.keys.shape == reference.keys.shape and layer.keys.shape[2] == WINDOW - 1
+            if all(earlier in sliding for earlier in range(index)):  # none quantized before it: the same keys
+                assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+            window_bytes += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        else:
+            assert type(layer).__name__ == "QuantoQuantizedLayer" and layer._quantized_keys is not None
+    held = cache_sizes(cache)[0]
+    assert window_bytes < held < window_bytes + sum(
+        t.numel() * t.element_size() for index in range(len(full.layers)) if index not in sliding
+        for t in (full.layers[index].keys, full.layers[index].values))
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gpt-oss"])
 def test_hybrid_families_run_through_the_cli(tmp_path, text_file, family):
-    """A hybrid model as published runs every method, eager attention (Gemma 2, GPT-OSS) included."""
+    """A hybrid model as published runs every method, eager attention (Gemma 2, GPT-OSS) and
+    the quantized cache included."""
     path = tmp_path / "config.json"
     family_config(*SUPPORTED[family]).to_json_file(path)
     result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "baseline", "-m", "h2o_2_4_32",
-                                 "-m", "streaming_4_32", "--lengths", "64", "--chunk", "32", "--decode-steps", "3",
+                                 "-m", "streaming_4_32", "-m", "quant_4_16", "--lengths", "64", "--chunk", "32",
+                                 "--decode-steps", "3",
                                  "--dataset", str(text_file), "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("family", ["mamba", "jamba", "qwen3-next", "falcon", "mistral-window"])
+@pytest.mark.parametrize("family", ["mamba", "jamba", "qwen3-next", "falcon-alibi", "bloom", "mistral-window"])
 def test_baseline_runs_where_compressed_caches_are_refused(tmp_path, text_file, family):
     """The full cache serves every family that loads: a recurrent state, attention outside the
     interface, or sliding windows on every layer."""

@@ -97,7 +97,7 @@ class LinkedLayer(CacheLayerMixin):
         waiting = HANDOFF.layer
         if waiting is not None and waiting.owner is self.owner:
             raise UnsupportedModelError(
-                f"the model ran layer {waiting.layer_idx}'s attention without transformers' attention interface, "
+                f"the model ran layer {waiting.layer_idx}'s attention without transformers' attention interface or SDPA, "
                 "where compressed caches see the queries: use baseline or quant_B_R with this model")
         HANDOFF.layer = self
 

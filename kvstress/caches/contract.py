@@ -32,7 +32,6 @@ only (prefill chunks and filling up); the form is checked when the graph is trac
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -99,7 +98,6 @@ def _suspect(values: torch.Tensor, candidates: torch.Tensor, recent: torch.Tenso
     return recent is not None and values.amax().item() == _ranks(values.dtype)[1]
 
 
-@functools.cache
 def _ranks(dtype: torch.dtype) -> tuple[float | int, float | int]:
     """(the highest value a candidate keeps under strict protection, the protected slots' value) for `dtype`."""
     if dtype.is_floating_point:

@@ -5,13 +5,15 @@ which attention-scored policies (H2O, TOVA) need. Every modern family runs its a
 kernel through `ALL_ATTENTION_FUNCTIONS.get_interface(...)`, and hands it the queries as
 the model rotated them, the keys and values the cache's update() returned, the mask, the
 scaling and the family's own extras (softcap, attention sinks) — whatever the
-projections are called or however they are fused (Phi-3's qkv_proj, Falcon's
-query_key_value, GPT-NeoX). kvstress wraps that lookup once per process: the kernel the
+projections are called or however they are fused (Phi-3's qkv_proj, GPT-NeoX's
+query_key_value). kvstress wraps that lookup once per process: the kernel the
 model asked for (SDPA, its own eager function, flash) is still the one that runs, and
 when a kvstress cache layer has just been updated (`base.HANDOFF`), the layer sees what
 the kernel is about to get first, and after the kernel the layer ends its part of the
 forward (after the last layer, the cache evicts in every layer at once). For any other
-cache the wrapper is one attribute read.
+cache the wrapper is one attribute read. Falcon's attention calls torch's SDPA itself
+right after its cache update, with the same inputs; for such a model kvstress wraps that
+function the same way (its eager and flash branches compute attention inline and are refused).
 
 A forward pre-hook on the model itself (whatever its modules are called) starts each
 forward clean, and in shifted mode lets the model position the new tokens right after
@@ -21,7 +23,7 @@ Which families can be served is decided before anything runs: the layer types
 transformers' own DynamicCache would build from the config (sliding-window layers keep
 the model's window, the others are compressed; chunked and recurrent layers, and models
 whose every layer is sliding, are refused by name), whether the attention modules' code
-looks its kernel up in the interface at all (Falcon's does not), and for shifted
+looks its kernel up in the interface or calls SDPA (Bloom's and MPT's do neither), and for shifted
 positions, the model's own rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
 """
 
@@ -167,28 +169,77 @@ def _install_interface() -> None:
         AttentionInterface.get_interface = _get_interface
 
 
+# -- attention that calls SDPA itself ----------------------------------------------------------
+
+_plain_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _linked_sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+    """torch's SDPA, with the kvstress layer updated just before it seeing its inputs first.
+
+    Falcon's attention calls SDPA itself, right after its cache update, instead of looking a
+    kernel up in the interface; the interface's own SDPA kernel calls it too, but the linked
+    interface has taken the layer by then, so for any other caller this is one attribute read.
+    """
+    layer = HANDOFF.layer
+    if layer is None:
+        return _plain_sdpa(query, key, value, attn_mask, *args, **kwargs)
+    HANDOFF.layer = None
+    attn_mask = layer.before_attention(query, key, attn_mask, {"scaling": kwargs.get("scale")})
+    output = _plain_sdpa(query, key, value, attn_mask, *args, **kwargs)
+    layer.after_attention()
+    return output
+
+
+def _install_sdpa() -> None:
+    """Once per process, for models whose attention calls SDPA itself (Falcon)."""
+    torch.nn.functional.scaled_dot_product_attention = _linked_sdpa
+
+
+def _calls_sdpa_itself(module: nn.Module) -> bool:
+    """Whether `module`'s forward runs torch's SDPA itself, after its cache update (Falcon)."""
+    try:
+        return "scaled_dot_product_attention(" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
 # -- which models ------------------------------------------------------------------------------
+
+
+_BASELINE = "use baseline (the full cache) with this model"
+
+
+def state_refusal(model: nn.Module) -> str | None:
+    """Why `model`'s cache is not (only) tokens that a policy could evict or quantize, or None."""
+    config = model.config.get_text_config(decoder=True)
+    state_layers = [kind for kind in _layer_types(config) if kind in _RECURRENT]
+    if (state_layers or getattr(config, "state_size", None) or getattr(config, "ssm_state_size", None)
+            or getattr(config, "mamba_d_state", None)):
+        return (f"{type(model).__name__} keeps a recurrent state (Mamba / linear-attention layers), which is not "
+                f"a token cache: compressed caches cannot evict from it or quantize it; {_BASELINE}")
+    return None
 
 
 def _refusal(model: nn.Module, config) -> str | None:
     """Why compressed caches cannot serve `model` faithfully, or None."""
     name = type(model).__name__
-    baseline = "use baseline (the full cache) with this model"
-    state_layers = [kind for kind in _layer_types(config) if kind in _RECURRENT]
-    if (state_layers or getattr(config, "state_size", None) or getattr(config, "ssm_state_size", None)
-            or getattr(config, "mamba_d_state", None)):
-        return (f"{name} keeps a recurrent state (Mamba / linear-attention layers), which is not a token cache: "
-                f"compressed caches cannot evict from it; {baseline}")
+    baseline = _BASELINE
+    state = state_refusal(model)
+    if state:
+        return state
     modules = attention_modules(model)
     if not modules:
         return f"{name} has no attention layers that transformers' attention interface runs; {baseline}"
-    # A modeling file that never looks its kernel up in the interface (Falcon, Bloom, MPT)
-    # runs attention where no cache layer can see the queries.
+    # A modeling file that never looks its kernel up in the interface (Bloom, MPT) runs
+    # attention where no cache layer can see the queries, unless it calls torch's SDPA
+    # itself (Falcon loaded with SDPA: its eager and flash branches compute attention inline).
     outside = {type(module).__name__ for module in modules
-               if not hasattr(sys.modules[type(module).__module__], "ALL_ATTENTION_FUNCTIONS")}
+               if not hasattr(sys.modules[type(module).__module__], "ALL_ATTENTION_FUNCTIONS")
+               and not (_calls_sdpa_itself(module) and config._attn_implementation == "sdpa")}
     if outside:
         return (f"{name}'s attention ({', '.join(sorted(outside))}) does not run through transformers' attention "
-                f"interface, where compressed caches see the queries: {baseline}, or quant_B_R")
+                f"interface or torch's SDPA, where compressed caches see the queries: {baseline}, or quant_B_R")
     kinds = set(_layer_types(config))
     if "chunked_attention" in kinds:
         return (f"{name} has chunked attention layers, which attend within fixed chunks of absolute positions that "
@@ -267,6 +318,8 @@ def attach(model: nn.Module) -> AttentionLinks:
     if refusal:
         raise UnsupportedModelError(refusal)
     _install_interface()
+    if any(_calls_sdpa_itself(module) for module in attention_modules(model)):
+        _install_sdpa()
     links = AttentionLinks(num_layers=config.num_hidden_layers, rotary_embedding=_rotary(model, config),
                            sliding_windows=_sliding_windows(config))
 

@@ -7,12 +7,31 @@ and keeps the most recent tokens in full precision until `residual` of them have
 gathered, then requantizes them with the rest. The first forward's tokens are
 quantized at once. transformers 5.17 counts one token per forward towards the residual,
 so a chunk can leave more than `residual` tokens in full precision until the next forward.
+A model's sliding-window layers keep their window in full precision, as the full cache
+keeps them: quantizing them would change what the model, not the cache, bounds.
 """
 
 from __future__ import annotations
 
-from transformers import QuantizedCache
+from transformers import Cache, DynamicCache, QuantizedCache
+from transformers.cache_utils import DynamicLayer, QuantoQuantizedLayer
+
+from .hooks import UnsupportedModelError, state_refusal
 
 
-def quantized_cache(spec, model) -> QuantizedCache:
-    return QuantizedCache(backend="quanto", config=model.config, nbits=spec.bits, residual_length=spec.residual)
+def quantized_cache(spec, model) -> Cache:
+    """transformers' QuantizedCache; for a model that bounds some layers itself (sliding
+    windows, Llama 4's chunks), which QuantizedCache refuses outright, its quantized layers
+    where the model attends to every token and the others as its DynamicCache keeps them."""
+    refusal = state_refusal(model)
+    if refusal:
+        raise UnsupportedModelError(refusal)
+    layers = DynamicCache(config=model.config).layers
+    if all(type(layer) is DynamicLayer for layer in layers):
+        return QuantizedCache(backend="quanto", config=model.config, nbits=spec.bits, residual_length=spec.residual)
+    if not any(type(layer) is DynamicLayer for layer in layers):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} bounds every layer with a window or chunks itself, which leaves {spec.name} nothing to "
+            "quantize: use baseline, which holds at most that many tokens per layer")
+    return Cache(layers=[QuantoQuantizedLayer(nbits=spec.bits, residual_length=spec.residual)
+                         if type(layer) is DynamicLayer else layer for layer in layers])
