@@ -42,6 +42,7 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              initializer_range=0.2)  # 10x the usual: peaked attention, as trained models have, not uniform
 ALL_FULL = dict(layer_types=["full_attention"] * 2)
 WINDOW = 8  # sliding window of the hybrid families: shorter than every check's tokens
+LONG_WINDOW = 40  # of the families with a window on every layer: above the capacities (24), below the tokens
 # Gemma 3, Cohere 2, OLMo 3's published patterns (5:1, 3:1 sliding to global) cut to two
 # layers would leave only sliding ones: one of each instead.
 HYBRID = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=WINDOW)
@@ -97,6 +98,14 @@ SUPPORTED = {
     "olmo3": ("Olmo3Config", HYBRID),
     "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW,
                                          max_window_layers=1)),  # global first, then sliding
+    # A window on every layer (Mistral v0.1, Phi-3 mini, Starcoder 2): every layer compressed and
+    # masked to the window, which the flatness check's 100 tokens pass.
+    "mistral-window": ("MistralConfig", dict(sliding_window=LONG_WINDOW)),
+    "phi3-window": ("Phi3Config", dict(sliding_window=LONG_WINDOW)),
+    "starcoder2-window": ("Starcoder2Config", dict(sliding_window=LONG_WINDOW)),
+    "gemma3-sliding": ("Gemma3TextConfig", dict(head_dim=16, layer_types=["sliding_attention"] * 2,
+                                                sliding_window=LONG_WINDOW)),  # the local layers' own rotary
+    "cohere2-sliding": ("Cohere2Config", dict(layer_types=["sliding_attention"] * 2, sliding_window=LONG_WINDOW)),
     "deepseek-v2": ("DeepseekV2Config", dict(MLA, q_lora_rank=None)),  # latent attention: keys ≠ values in size
     "deepseek-v3": ("DeepseekV3Config", dict(MLA, q_lora_rank=24)),
     "gptj": ("GPTJConfig", dict(rotary_dim=8, n_inner=128)),  # rotary of its own, partial and interleaved
@@ -129,13 +138,11 @@ REFUSED = {
                    "Qwen3NextForCausalLM keeps a recurrent state"),
     "llama4": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128),
                "Llama4ForCausalLM has chunked attention layers"),
-    # Every layer sliding: the model bounds them all itself, a compressed cache would do nothing.
-    "mistral-window": ("MistralConfig", dict(sliding_window=16),
-                       "MistralForCausalLM bounds every layer with its sliding window of 16 tokens"),
-    "starcoder2-window": ("Starcoder2Config", dict(sliding_window=16),
-                          "Starcoder2ForCausalLM bounds every layer with its sliding window of 16 tokens"),
-    "gemma3-two-sliding": ("Gemma3TextConfig", dict(head_dim=16),  # the published pattern's first two layers
-                           "Gemma3ForCausalLM bounds every layer with its sliding window"),
+    # Every layer sliding, with a window the capacity (32) does not fit under: nothing to compress.
+    "mistral-small-window": ("MistralConfig", dict(sliding_window=16),
+                             "MistralForCausalLM attends within a sliding window of 16 tokens in every layer"),
+    "starcoder2-small-window": ("Starcoder2Config", dict(sliding_window=16),
+                                "Starcoder2ForCausalLM attends within a sliding window of 16 tokens in every layer"),
 }
 if not hasattr(importlib.import_module("transformers.models.gptj.modeling_gptj"), "ALL_ATTENTION_FUNCTIONS"):
     # GPT-J's attention joined the attention interface after transformers 5.17: refused before.
@@ -292,6 +299,70 @@ def test_shifted_keys_are_the_models_own_at_their_new_positions(family, chunk):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+WINDOWED = ["mistral-window", "phi3-window", "gemma3-sliding"]
+
+
+def small_window_model(family: str, window: int = 16):
+    """The family's one-layer model with a window the streams below run past."""
+    config_class, changes = SUPPORTED[family]
+    config = family_config(config_class, {**changes, "sliding_window": window}, layers=1)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config)).eval()
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_the_models_window_hides_kept_tokens_that_left_it(family, chunk):
+    """Original positions, a window of 16 on every layer: once 17 tokens are seen, StreamingLLM's
+    sinks (positions 0, 1) are out of every query's window, so with one layer (keys depend on
+    token and position only) streaming_2_8 must give what streaming_0_6 gives, which keeps the
+    same six recent tokens and no sinks; before that, the sinks are seen and the two differ."""
+    model = small_window_model(family)
+    ids = token_ids(2, 60, seed=5)
+    with_sinks = stream(model, make_cache("streaming_2_8", model, chunk=chunk), ids, chunk)
+    without = stream(model, make_cache("streaming_0_6", model, chunk=chunk), ids, chunk)
+    first_hidden = 20  # past 17, at a chunk boundary for both chunk sizes
+    torch.testing.assert_close(with_sinks[:, first_hidden:], without[:, first_hidden:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_sinks[:, 8:16], without[:, 8:16], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_shifted_positions_mask_the_window_among_the_kept(family):
+    """Shifted positions: the window counts ranks among the kept tokens. A forward of 8 tokens
+    after 12 kept spans 20 ranks, past the window of 16, so one layer must give what the model
+    gives on the kept tokens alone, from position 0, with its own window mask."""
+    model = small_window_model(family)
+    sink, capacity, chunk, length = 2, 12, 8, 48
+    ids = token_ids(2, length, seed=3)
+    actual = stream(model, make_cache(f"streaming_{sink}_{capacity}", model, positions="shifted", chunk=chunk),
+                    ids, chunk)[:, -chunk:]
+    last = length - chunk
+    kept = torch.cat((ids[:, :sink], ids[:, last - (capacity - sink) : last], ids[:, last:]), dim=1)
+    with torch.no_grad():
+        expected = model(kept).logits[:, -chunk:]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_attention_scores_leave_out_what_the_window_hides(family):
+    """H2O's scores are the attention the model pays: a kept token the window hides from the new
+    query gets nothing more, and every token the query sees gets its share."""
+    model = small_window_model(family)
+    cache = make_cache("h2o_2_4_12", model)
+    ids = token_ids(1, 40, seed=6)
+    stream(model, cache, ids[:, :30], 1)
+    before = cache.buffers["scores"][0].clone()
+    stream(model, cache, ids[:, 30:31], 1)
+    positions = cache.buffers["positions"][0]
+    hidden = (positions <= 30 - 16) & (positions >= 0)
+    hidden[..., :2] = False  # the sinks' scores stay +inf
+    seen = (positions > 30 - 16) & (positions != 30)  # the kept tokens the query sees, but its own (new: no score before)
+    seen[..., :2] = False
+    grown = cache.buffers["scores"][0] > before
+    assert hidden.any() and not grown[hidden].any()
+    assert seen.any() and grown[seen].all()
+
+
 @pytest.mark.parametrize("family", ORIGINAL_ONLY)
 def test_shifted_positions_refused_by_name_where_keys_cannot_be_turned(models, family):
     with pytest.raises(UnsupportedModelError, match=ORIGINAL_ONLY[family]) as refused:
@@ -387,7 +458,7 @@ def test_falcon_is_refused_where_it_computes_attention_inline():
     assert "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("family", ["mamba", "zamba2", "falcon-h1", "mistral-window", "llama4"])
+@pytest.mark.parametrize("family", ["mamba", "zamba2", "falcon-h1", "mistral-small-window", "llama4"])
 def test_quantized_cache_refused_in_one_line_where_nothing_is_a_token_cache_to_quantize(tmp_path, text_file, family):
     """A recurrent state is not tokens to quantize, and a model that bounds every layer itself
     leaves the full-attention layers a quantized cache quantizes empty: one line, exit 2."""
@@ -399,7 +470,7 @@ def test_quantized_cache_refused_in_one_line_where_nothing_is_a_token_cache_to_q
                                  "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    why = "keeps a recurrent state" if family not in ("mistral-window", "llama4") else "leaves quant_4_16 nothing"
+    why = "keeps a recurrent state" if family not in ("mistral-small-window", "llama4") else "leaves quant_4_16 nothing"
     assert len(errors) == 1 and why in errors[0] and "use baseline" in errors[0], result.output
 
 
@@ -443,7 +514,7 @@ def test_hybrid_families_run_through_the_cli(tmp_path, text_file, family):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("family", ["mamba", "jamba", "qwen3-next", "falcon-alibi", "bloom", "mistral-window"])
+@pytest.mark.parametrize("family", ["mamba", "jamba", "qwen3-next", "falcon-alibi", "bloom", "mistral-small-window"])
 def test_baseline_runs_where_compressed_caches_are_refused(tmp_path, text_file, family):
     """The full cache serves every family that loads: a recurrent state, attention outside the
     interface, or sliding windows on every layer."""

@@ -49,8 +49,14 @@ def make_cache(spec: str | MethodSpec, model: nn.Module, *, positions: str = "or
     if not (isinstance(cache, type) and issubclass(cache, CompressedCache)):
         raise TypeError(f"policy {spec.method} has a capacity, so its cache must subclass kvstress.caches.CompressedCache")
     links = attach(model)
+    if links.window is not None and spec.capacity + lazy >= links.window - 1:
+        held = f"{spec.capacity} + {lazy} lazy" if lazy else str(spec.capacity)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} attends within a sliding window of {links.window} tokens in every layer, so the "
+            f"full cache holds at most {links.window - 1} per layer: {spec.name} holding {held} compresses nothing; "
+            f"use baseline, or a capacity below {links.window - 1}")
     return cache(spec, links.num_layers, links.rotary_embedding, positions=positions, lazy=lazy, seed=seed,
-                 chunk=chunk, sliding_windows=links.sliding_windows)
+                 chunk=chunk, sliding_windows=links.sliding_windows, model_window=links.window)
 
 
 def make_run_cache(spec: MethodSpec, model: nn.Module, *, positions: str, lazy: int, seed: int = 0,

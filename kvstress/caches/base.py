@@ -25,7 +25,10 @@ keys rotated before they are cached, attention does not care about slot order.
 
 Layers the model bounds itself with a sliding window (Gemma 2 / 3, Cohere 2, OLMo 3,
 GPT-OSS) are not stacked: each keeps the model's window as transformers' DynamicCache
-does (`SlidingLayer`), and only the global layers are compressed.
+does (`SlidingLayer`), and only the global layers are compressed. A model whose every
+layer attends within one window W (Mistral v0.1, Phi-3 mini) has them all compressed to
+a capacity below W - 1, and its mask keeps the window: a new token sees the kept tokens
+less than W positions before it (`window_mask`), the others are held but hidden.
 
 Positions (`positions="original"` or `"shifted"`):
   original  keys keep their absolute RoPE positions (the H2O paper); `get_seq_length`
@@ -233,10 +236,19 @@ class FixedCapacityLayer(LinkedLayer):
         # This layer's slice of the cache's buffers ([batch, kv_heads, slots(, head_dim)]),
         # set when the cache allocates them.
         self.positions: torch.Tensor | None = None
+        # In a model that attends within a window on every layer, once some kept token has left
+        # it: which slots each new token sees ([batch, kv_heads, q, total]); else None.
+        self.visible: torch.Tensor | None = None
 
     @property
     def kept(self) -> int:
         return self.owner.kept
+
+    def before_attention(self, query: torch.Tensor, keys: torch.Tensor, mask, options: dict):
+        if self.owner.model_window is None:
+            return super().before_attention(query, keys, mask, options)
+        mask, self.visible = self.owner.window_mask(self, query.shape[1], keys.shape[2], mask)
+        return mask
 
     @property
     def seen(self) -> int:
@@ -336,7 +348,8 @@ class CompressedCache(Cache):
     buffer_names: tuple[str, ...] = ("keys", "values", "positions")
 
     def __init__(self, spec, num_layers: int, rotary_embedding, *, positions: str = "original", lazy: int = 0,
-                 seed: int = 0, chunk: int = 1, sliding_windows: dict[int, int] | None = None):
+                 seed: int = 0, chunk: int = 1, sliding_windows: dict[int, int] | None = None,
+                 model_window: int | None = None):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {', '.join(POSITION_MODES)}, got {positions!r}")
         if lazy < 0:
@@ -362,6 +375,7 @@ class CompressedCache(Cache):
         self.seed = seed  # for policies that draw random numbers
         self.num_layers = num_layers
         self.chunk = chunk
+        self.model_window = model_window
         self.kept = 0  # n: slots holding tokens from earlier forwards, in every layer
         self.seen = 0  # tokens ever written, i.e. the next token's absolute position
         self.pending_total: int | None = None  # n + q while a forward is between its first update and eviction
@@ -379,13 +393,15 @@ class CompressedCache(Cache):
         self.next_position: torch.Tensor | None = None
         self.next_position_synced = 0  # `seen` when next_position was last set
         layers: list[LinkedLayer] = []
-        self.whole_layers: list[WholeLayer] = []
+        self.whole_layers: list[WholeLayer | SlidingLayer] = []
         self.stacked_layers: list[FixedCapacityLayer] = []
         for index in range(num_layers):
             if index in sliding_windows:
                 layers.append(SlidingLayer(self, index, sliding_windows[index]))
             elif len(self.whole_layers) < whole:
-                self.whole_layers.append(WholeLayer(self, index))
+                # Left whole, a layer of a model with a window everywhere keeps what the full cache keeps: the window.
+                self.whole_layers.append(WholeLayer(self, index) if model_window is None
+                                         else SlidingLayer(self, index, model_window))
                 layers.append(self.whole_layers[-1])
             else:
                 self.stacked_layers.append(self.layer_class(self, index, len(self.stacked_layers)))
@@ -605,6 +621,29 @@ class CompressedCache(Cache):
             allowed = torch.zeros(length, keys, dtype=mask.dtype, device=mask.device).masked_fill(
                 ~allowed, torch.finfo(mask.dtype).min)
         return allowed.expand(mask.shape[0], mask.shape[1], length, keys)
+
+    def window_mask(self, layer: FixedCapacityLayer, heads: int, total: int, mask):
+        """(the mask, which slots each new token sees) for a compressed layer of a model whose
+        every layer attends within `model_window` tokens of positions, as the model sees them:
+        absolute (original) or ranks among the kept (shifted). While no kept token can be that
+        far from a new one, transformers' mask is right as is (slot distances are at most the
+        position distances) and no visibility is needed. Past that, the mask is built here per
+        KV head, from the positions; `heads` query heads share each KV head's row."""
+        window = self.model_window
+        if not self.in_graph and (total if self.shifted else self.seen) <= window:
+            if self.whole_layers and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                mask = self.mask_for(mask, total - self.kept, total)
+            return mask, None
+        positions = layer._view("positions", 0, total)
+        if self.shifted:
+            positions = positions.argsort(dim=-1).argsort(dim=-1)
+        distance = positions[..., self.kept : total, None] - positions[..., None, :]  # [batch, kv_heads, q, total]
+        visible = (distance >= 0) & (distance < window)
+        allowed = visible.repeat_interleave(heads // visible.shape[1], dim=1)
+        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+            allowed = torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill_(
+                ~allowed, torch.finfo(mask.dtype).min)
+        return allowed, visible
 
     # -- diagnostics -------------------------------------------------------------------
 

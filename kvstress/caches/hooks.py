@@ -22,7 +22,8 @@ the kept ones (a caller such as generate() passes absolute position_ids).
 Which families can be served is decided before anything runs: the layer types
 transformers' own DynamicCache would build from the config (sliding-window layers keep
 the model's window, the others are compressed; chunked and recurrent layers, and models
-whose every layer is sliding, are refused by name), whether the attention modules' code
+whose sliding windows differ in size, are refused by name; a model whose every layer
+attends within one window has every layer compressed and masked to that window), whether the attention modules' code
 looks its kernel up in the interface or calls SDPA (Bloom's and MPT's do neither), and for shifted
 positions, the model's own rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
 """
@@ -67,7 +68,8 @@ class Rotary:
     # (Phi-2, StableLM: their attention's `rotary_ndims`); None: the whole head.
     rotated_dims: int | None
     # The table an embedding with one per layer type (Gemma 3, OLMo 3) is asked for: that of
-    # the full-attention layers, the only ones compressed caches serve; None: it has one table.
+    # the layers compressed caches serve (the global ones, or all where every layer is
+    # sliding); None: it has one table.
     layer_type: str | None
     unrotated_layers: frozenset[int]  # layers the model gives no rotary (SmolLM3's NoPE layers)
     refusal: str | None  # why shifted positions are refused for this model, else None
@@ -115,7 +117,12 @@ class AttentionLinks:
 
     num_layers: int
     rotary_embedding: Rotary
-    sliding_windows: dict[int, int]  # layer index → the model's window, for its sliding-window layers
+    # Hybrid models: layer index → the model's window, for its sliding-window layers (kept as
+    # the model keeps them, not compressed); empty otherwise.
+    sliding_windows: dict[int, int]
+    # The window every layer attends within (Mistral v0.1, Phi-3 mini, Starcoder 2 with
+    # sliding_window set): all layers compressed, each also masked to the window; else None.
+    window: int | None
 
 
 def _cache_from(kwargs: dict):
@@ -244,10 +251,8 @@ def _refusal(model: nn.Module, config) -> str | None:
     if "chunked_attention" in kinds:
         return (f"{name} has chunked attention layers, which attend within fixed chunks of absolute positions that "
                 f"a compressed cache's slots do not keep: {baseline}, or a config without chunks")
-    if kinds == {"sliding_attention"}:
-        window = max(_sliding_windows(config).values())
-        return (f"{name} bounds every layer with its sliding window of {window} tokens itself, which leaves "
-                f"compressed caches nothing to compress: {baseline}, which holds at most that many per layer")
+    if kinds == {"sliding_attention"} and len(set(_sliding_windows(config).values())) > 1:
+        return f"{name} has sliding windows of different sizes on every layer, which compressed caches do not serve: {baseline}"
     if kinds - {"full_attention", "sliding_attention"}:
         others = ", ".join(sorted(kinds - {"full_attention", "sliding_attention"}))
         return f"{name} has layers of type {others}, which compressed caches do not serve: {baseline}"
@@ -278,10 +283,12 @@ def _rotary(model: nn.Module, config) -> Rotary:
     apply = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
     no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3, Llama 4: 1 where a layer has rotary
     unrotated = frozenset(index for index, rotated in enumerate(no_rope or []) if not rotated)
-    if config.model_type in _ROTARY_ON_SLIDING_LAYERS_ONLY:
+    # The layers compressed caches serve: the global ones, or every layer where all are sliding.
+    served = "sliding_attention" if set(_layer_types(config)) == {"sliding_attention"} else "full_attention"
+    if config.model_type in _ROTARY_ON_SLIDING_LAYERS_ONLY and served == "full_attention":
         unrotated = frozenset(range(config.num_hidden_layers))  # with sliding layers, shifted is refused below
     rope = getattr(config, "rope_parameters", None) or {}
-    rope = rope.get("full_attention", rope)  # one set per layer type (Gemma 3, OLMo 3): the served layers'
+    rope = rope.get(served, rope)  # one set per layer type (Gemma 3, OLMo 3): the served layers'
     rope_type = rope.get("rope_type", "default")
     refusal = None
     why_not = None
@@ -291,9 +298,9 @@ def _rotary(model: nn.Module, config) -> Rotary:
         why_not = "caches multi-head latent attention's latents, with the rotary part of the keys apart"
     elif not embeddings or apply is None or list(inspect.signature(apply).parameters)[:4] != ["q", "k", "cos", "sin"]:
         why_not = "has no rotary embedding that kvstress can call"  # GPT-J's rotates one tensor: (x, sin, cos)
-    elif "sliding_attention" in _layer_types(config):
-        # The model masks a sliding layer's window by absolute position: moved, its tokens would
-        # fall in or out of it, and the window layers' keys would need turning too.
+    elif set(_layer_types(config)) == {"full_attention", "sliding_attention"}:
+        # A hybrid's sliding layers keep the model's window, whose keys are not the cache's to turn,
+        # and the model masks them by absolute position: moved, tokens would fall in or out of it.
         why_not = "has sliding-window layers, whose window the model counts in absolute positions"
     elif len(embeddings) > 1:
         why_not = "has several rotary embeddings"
@@ -305,7 +312,7 @@ def _rotary(model: nn.Module, config) -> Rotary:
     embedding = embeddings[0] if embeddings and not why_not else None
     rotated_dims = getattr(attention_modules(model)[0], "rotary_ndims", None)
     per_type = embedding is not None and "layer_type" in inspect.signature(embedding.forward).parameters
-    return Rotary(embedding, apply, rotated_dims, "full_attention" if per_type else None, unrotated, refusal)
+    return Rotary(embedding, apply, rotated_dims, served if per_type else None, unrotated, refusal)
 
 
 def attach(model: nn.Module) -> AttentionLinks:
@@ -320,8 +327,11 @@ def attach(model: nn.Module) -> AttentionLinks:
     _install_interface()
     if any(_calls_sdpa_itself(module) for module in attention_modules(model)):
         _install_sdpa()
+    windows = _sliding_windows(config)
+    every_layer = len(windows) == config.num_hidden_layers
     links = AttentionLinks(num_layers=config.num_hidden_layers, rotary_embedding=_rotary(model, config),
-                           sliding_windows=_sliding_windows(config))
+                           sliding_windows={} if every_layer else windows,
+                           window=next(iter(windows.values())) if every_layer else None)
 
     def before_forward(module, args, kwargs):
         # A forward that failed half-way (out of memory) must not leave its last layer waiting.

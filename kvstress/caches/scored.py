@@ -78,16 +78,19 @@ class AttentionScoredLayer(FixedCapacityLayer):
         # Multi-head latent attention (DeepSeek) caches latents and makes the kernel's keys
         # from them, one per query head: the cached slots are not what the kernel attends.
         attends_cached = keys.shape[1] == self.keys.shape[1] and keys.shape[-1] == self.keys.shape[-1]
-        # Decode steps scored for all layers at once, from the cached keys.
-        batched = not self.shifted and sinks is None and attends_cached
+        # Decode steps scored for all layers at once, from the cached keys; not where the model's
+        # window hides some of them (self.visible), which differ per layer.
+        batched = not self.shifted and sinks is None and attends_cached and self.visible is None
         if batched and "queries" not in owner.buffers:
             owner.allocate_query_buffer(query)
         if batched and query.shape[2] == 1:
             owner.keep_decode_query(self, query, scaling, softcap)
             return mask
+        visible = self.visible
         if owner.last_query_only:
             query, start = query[:, :, -1:], total - 1
-        mass = attention_mass(query, keys, scaling, start, softcap=softcap, sinks=sinks)
+            visible = None if visible is None else visible[:, :, -1:]
+        mass = attention_mass(query, keys, scaling, start, softcap=softcap, sinks=sinks, visible=visible)
         if not attends_cached:  # each cached head's mass: that of the kernel's heads made from it
             mass = mass.view(mass.shape[0], self.keys.shape[1], -1, mass.shape[-1]).sum(dim=2)
         owner.update_scores(self._view("scores", owner.sink, total), mass[..., owner.sink:])
@@ -114,13 +117,15 @@ def decode_attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: floa
 
 
 def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, start: int, *,
-                   softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                   softcap: float | None = None, sinks: torch.Tensor | None = None,
+                   visible: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each key receives from the queries, summed over queries and each KV group.
 
     query [batch, heads, q, dim] for the tokens at slots start..start+q-1 (causal among
     themselves); keys [batch, kv_heads, total, dim]. `softcap` caps the logits and `sinks`
     [heads] adds a learned logit per head to each softmax's denominator (GPT-OSS), as the
-    model's kernel does. Returns [batch, kv_heads, total] float32.
+    model's kernel does. `visible` [batch, kv_heads, q, total], where the model's sliding window
+    hides keys from a query, says which each query sees. Returns [batch, kv_heads, total] float32.
     """
     batch, heads, length, dim = query.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
@@ -137,6 +142,8 @@ def attention_mass(query: torch.Tensor, keys: torch.Tensor, scaling: float, star
         # Query at slot start + i sees keys up to and including its own slot.
         last_visible = start + first + torch.arange(r, device=keys.device)
         logits.masked_fill_(key_index > last_visible[:, None], float("-inf"))
+        if visible is not None:
+            logits.masked_fill_(~visible[:, :, None, first : first + r], float("-inf"))
         if sinks is None:
             mass += logits.softmax(dim=-1).sum(dim=(2, 3))
         else:
