@@ -88,12 +88,15 @@ SUPPORTED = {
     "gpt-oss-full": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                            **ALL_FULL)),  # learned attention sinks, eager attention
     "gemma3-full": ("Gemma3TextConfig", dict(head_dim=16, **ALL_FULL)),
+    "gemma4-full": ("Gemma4TextConfig", dict(head_dim=16, global_head_dim=32, **ALL_FULL)),  # rotary of one tensor
     "cohere2-full": ("Cohere2Config", ALL_FULL),
     "olmo3-full": ("Olmo3Config", ALL_FULL),
     # Hybrid: the sliding layers keep the model's window, the global ones are compressed.
     "gemma2": ("Gemma2Config", dict(head_dim=16, attn_logit_softcapping=1.0, sliding_window=WINDOW)),  # sliding first
     "gpt-oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
     "gemma3": ("Gemma3TextConfig", dict(head_dim=16, **HYBRID)),
+    # Global layers with heads twice the sliding ones' size, and values that are their keys.
+    "gemma4": ("Gemma4TextConfig", dict(head_dim=16, global_head_dim=32, attention_k_eq_v=True, **HYBRID)),
     "cohere2": ("Cohere2Config", HYBRID),  # rotary on the sliding layers only
     "olmo3": ("Olmo3Config", HYBRID),
     "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW,
@@ -112,7 +115,7 @@ SUPPORTED = {
     "llama4-full": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128,
                                              no_rope_layers=[1, 0], **ALL_FULL)),
 }
-HYBRIDS = ["gemma2", "gpt-oss", "gemma3", "cohere2", "olmo3", "qwen2-window"]
+HYBRIDS = ["gemma2", "gpt-oss", "gemma3", "gemma4", "cohere2", "olmo3", "qwen2-window"]
 # Families served in original positions only, and the reason shifted positions give.
 ORIGINAL_ONLY = {**dict.fromkeys(HYBRIDS, "sliding-window layers, whose window the model counts in absolute positions"),
                  "deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
@@ -136,6 +139,10 @@ REFUSED = {
     "falcon-h1": ("FalconH1Config", {}, "FalconH1ForCausalLM keeps a recurrent state"),
     "qwen3-next": ("Qwen3NextConfig", dict(head_dim=16, full_attention_interval=2),  # linear, full attention
                    "Qwen3NextForCausalLM keeps a recurrent state"),
+    "gemma4-kv-shared": ("Gemma4TextConfig", dict(head_dim=16, global_head_dim=32, sliding_window=WINDOW,
+                                                  layer_types=["sliding_attention", "full_attention"] * 2,
+                                                  num_hidden_layers=4, num_kv_shared_layers=2),
+                         "Gemma4ForCausalLM's last 2 layers attend with the keys and values of earlier ones"),
     "llama4": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128),
                "Llama4ForCausalLM has chunked attention layers"),
     # Every layer sliding, with a window the capacity (32) does not fit under: nothing to compress.
@@ -157,7 +164,8 @@ runner = CliRunner()
 
 
 def family_config(config_class: str, changes: dict, layers: int = 2):
-    """The family's tiny config with `layers` layers (per-layer lists cut to match)."""
+    """The family's tiny config with `layers` layers (per-layer lists cut to match), unless it says how many."""
+    layers = changes.get("num_hidden_layers", layers)
     per_layer = {key: value[:layers] for key, value in changes.items() if isinstance(value, list)}
     return getattr(transformers, config_class)(**{**SHAPE, **changes, **per_layer, "num_hidden_layers": layers})
 

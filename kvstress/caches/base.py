@@ -141,7 +141,7 @@ class WholeLayer(LinkedLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.layer_idx == 0:
-            self.owner.begin_forward(key_states, value_states)
+            self.owner.begin_forward(key_states.shape[2])
         if self.keys is None:
             self.lazy_initialization(key_states, value_states)
         else:
@@ -191,7 +191,7 @@ class SlidingLayer(LinkedLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.layer_idx == 0:
-            self.owner.begin_forward(key_states, value_states)
+            self.owner.begin_forward(key_states.shape[2])
         keys, values = self.window.update(key_states, value_states)
         self._hand_over()
         return keys, values
@@ -281,9 +281,11 @@ class FixedCapacityLayer(LinkedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         owner = self.owner
         if self.layer_idx == 0:
-            owner.begin_forward(key_states, value_states)
+            owner.begin_forward(key_states.shape[2])
         elif owner.pending_total is None:
             raise RuntimeError("kvstress cache: layer 0 must be updated first in each forward")
+        if self.stack_index == 0:
+            owner.open_slots(key_states, value_states)
         start, total = owner.kept, owner.pending_total
         self._view("keys", start, total).copy_(key_states)
         self._view("values", start, total).copy_(value_states)
@@ -381,6 +383,7 @@ class CompressedCache(Cache):
         self.pending_total: int | None = None  # n + q while a forward is between its first update and eviction
         self.evicted = False  # whether any token was ever evicted (shifted keys are turned from then on)
         self.rank_offset = 0  # shifted mode: the model's position for this forward's first new token, less its slot
+        self.first_new_position = 0  # the absolute position of the forward's first new token
         if self.shifted:  # the position each slot's key was rotated at moves with the slots
             self.buffer_names = type(self).buffer_names + ("rotated_at",)
         self.buffers: dict[str, torch.Tensor] = {}
@@ -500,23 +503,33 @@ class CompressedCache(Cache):
 
     # -- one forward ---------------------------------------------------------------
 
-    def begin_forward(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Layer 0's update: make room for the forward's tokens and record their positions in every layer."""
+    def begin_forward(self, incoming: int) -> None:
+        """Layer 0's update, before it stores anything: the forward brings `incoming` tokens."""
         if self.pending_total is not None:
             raise RuntimeError(
                 "kvstress cache was updated twice without its eviction hook running: build it with "
                 "make_cache(spec, model) for the model that runs it"
             )
-        incoming = key_states.shape[2]
-        start, total = self.kept, self.kept + incoming
+        if self.shifted:
+            # Where the model rotates this forward's first new token, less its slot: layer 0's length less ours.
+            self.rank_offset = self.layers[0].get_seq_length() - self.kept
+        if not self.in_graph:  # a compiled step reads the position from a tensor (open_slots)
+            self.first_new_position = self.seen
+            self.seen += incoming
+        self.pending_total = self.kept + incoming
+
+    def open_slots(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The first compressed layer's update: room for the forward's tokens, and their positions
+        recorded in every compressed layer. Not layer 0's: that one may be whole or sliding, with
+        keys of another size (Gemma 4's sliding and global layers differ in head size)."""
+        start, total = self.kept, self.pending_total
+        incoming = total - start
         if not self.buffers:
             self._allocate(self.capacity + self.lazy + max(self.chunk, incoming), key_states, value_states)
         elif total > self.slots:
             self._allocate(total, key_states, value_states)
         if self.shifted:
-            # Where the model rotates this forward's new tokens: layer 0's length plus their index.
-            first = self.layers[0].get_seq_length()
-            self.rank_offset = first - start
+            first = start + self.rank_offset
             self._flat("rotated_at", start, total).copy_(
                 torch.arange(first, first + incoming, device=key_states.device))
         new_positions = self._flat("positions", start, total)
@@ -525,13 +538,11 @@ class CompressedCache(Cache):
             # depend on it; CompiledDecode moves the Python counters on after the step.
             new_positions.copy_(self.next_position.view(1, 1, 1).expand_as(new_positions))
         elif incoming == 1:
-            new_positions.fill_(self.seen)
+            new_positions.fill_(self.first_new_position)
         else:
-            new_positions.copy_(torch.arange(self.seen, self.seen + incoming, device=key_states.device))
+            first = self.first_new_position
+            new_positions.copy_(torch.arange(first, first + incoming, device=key_states.device))
         self._start_policy_state(start, total)
-        if not self.in_graph:
-            self.seen += incoming
-        self.pending_total = total
 
     def _start_policy_state(self, start: int, total: int) -> None:
         """Per-slot policy state for the forward's new tokens (slots start..total-1)."""

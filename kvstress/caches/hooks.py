@@ -63,7 +63,9 @@ class Rotary:
     """
 
     embedding: nn.Module | None  # cos, sin = embedding(x, position_ids)
-    apply: Callable | None  # the modeling file's apply_rotary_pos_emb(q, k, cos, sin)
+    # The modeling file's apply_rotary_pos_emb(q, k, cos, sin), or (rotates_one) (x, cos, sin) as Gemma 4's.
+    apply: Callable | None
+    rotates_one: bool
     # The leading dims the model hands apply_rotary_pos_emb, passing the rest through itself
     # (Phi-2, StableLM: their attention's `rotary_ndims`); None: the whole head.
     rotated_dims: int | None
@@ -89,8 +91,10 @@ class Rotary:
         if rotated < dim:
             flat = flat[..., :rotated]
         index = (by + cos.shape[0] // 2).view(batch * heads, n)
-        # The function rotates a query and a key; the keys go in as both.
-        _, turned = self.apply(flat, flat, cos[index], sin[index])
+        if self.rotates_one:
+            turned = self.apply(flat, cos[index], sin[index])
+        else:  # the function rotates a query and a key; the keys go in as both
+            _, turned = self.apply(flat, flat, cos[index], sin[index])
         turned = turned.view(batch, heads, n, rotated)
         return turned if rotated == dim else torch.cat((turned, keys[..., rotated:]), dim=-1)
 
@@ -248,6 +252,9 @@ def _refusal(model: nn.Module, config) -> str | None:
         return (f"{name}'s attention ({', '.join(sorted(outside))}) does not run through transformers' attention "
                 f"interface or torch's SDPA, where compressed caches see the queries: {baseline}, or quant_B_R")
     kinds = set(_layer_types(config))
+    if getattr(config, "num_kv_shared_layers", 0):
+        return (f"{name}'s last {config.num_kv_shared_layers} layers attend with the keys and values of earlier ones "
+                f"(KV sharing), which a compressed cache's slots would move under them: {baseline}")
     if "chunked_attention" in kinds:
         return (f"{name} has chunked attention layers, which attend within fixed chunks of absolute positions that "
                 f"a compressed cache's slots do not keep: {baseline}, or a config without chunks")
@@ -290,14 +297,16 @@ def _rotary(model: nn.Module, config) -> Rotary:
     rope = getattr(config, "rope_parameters", None) or {}
     rope = rope.get(served, rope)  # one set per layer type (Gemma 3, OLMo 3): the served layers'
     rope_type = rope.get("rope_type", "default")
+    arguments = list(inspect.signature(apply).parameters) if apply is not None else []
+    arguments = arguments[:3] if arguments[:1] == ["x"] else arguments[:4]
     refusal = None
     why_not = None
     if getattr(config, "kv_lora_rank", None):
         # DeepSeek caches a latent per token and, apart, the rotated part of its key, which it
         # rotates with a layout of its own (complex numbers, or interleaved pairs).
         why_not = "caches multi-head latent attention's latents, with the rotary part of the keys apart"
-    elif not embeddings or apply is None or list(inspect.signature(apply).parameters)[:4] != ["q", "k", "cos", "sin"]:
-        why_not = "has no rotary embedding that kvstress can call"  # GPT-J's rotates one tensor: (x, sin, cos)
+    elif not embeddings or apply is None or arguments not in (["q", "k", "cos", "sin"], ["x", "cos", "sin"]):
+        why_not = "has no rotary embedding that kvstress can call"  # GPT-J's: (tensor, sin, cos), interleaved
     elif set(_layer_types(config)) == {"full_attention", "sliding_attention"}:
         # A hybrid's sliding layers keep the model's window, whose keys are not the cache's to turn,
         # and the model masks them by absolute position: moved, tokens would fall in or out of it.
@@ -312,7 +321,8 @@ def _rotary(model: nn.Module, config) -> Rotary:
     embedding = embeddings[0] if embeddings and not why_not else None
     rotated_dims = getattr(attention_modules(model)[0], "rotary_ndims", None)
     per_type = embedding is not None and "layer_type" in inspect.signature(embedding.forward).parameters
-    return Rotary(embedding, apply, rotated_dims, served if per_type else None, unrotated, refusal)
+    return Rotary(embedding, apply, arguments[:1] == ["x"], rotated_dims, served if per_type else None, unrotated,
+                  refusal)
 
 
 def attach(model: nn.Module) -> AttentionLinks:

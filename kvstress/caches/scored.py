@@ -54,7 +54,7 @@ class ScoredCache(CompressedCache):
         # base never makes the sinks candidates either (contract.py). A compiled decode step
         # only runs once the sinks are in (see CompiledDecode).
         self._flat("scores", start, total).zero_()
-        new_sinks = 0 if self.in_graph else min(max(self.sink - self.seen, 0), total - start)
+        new_sinks = 0 if self.in_graph else min(max(self.sink - self.first_new_position, 0), total - start)
         if new_sinks:
             self._flat("scores", start, start + new_sinks).fill_(float("inf"))
 
