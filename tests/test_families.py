@@ -91,6 +91,7 @@ SUPPORTED = {
     "gemma4-full": ("Gemma4TextConfig", dict(head_dim=16, global_head_dim=32, **ALL_FULL)),  # rotary of one tensor
     "cohere2-full": ("Cohere2Config", ALL_FULL),
     "olmo3-full": ("Olmo3Config", ALL_FULL),
+    "beam-full": ("BeamConfig", ALL_FULL),  # rotary on the sliding layers only: none here
     # Hybrid: the sliding layers keep the model's window, the global ones are compressed.
     "gemma2": ("Gemma2Config", dict(head_dim=16, attn_logit_softcapping=1.0, sliding_window=WINDOW)),  # sliding first
     "gpt-oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
@@ -99,6 +100,7 @@ SUPPORTED = {
     "gemma4": ("Gemma4TextConfig", dict(head_dim=16, global_head_dim=32, attention_k_eq_v=True, **HYBRID)),
     "cohere2": ("Cohere2Config", HYBRID),  # rotary on the sliding layers only
     "olmo3": ("Olmo3Config", HYBRID),
+    "beam": ("BeamConfig", HYBRID),
     "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW,
                                          max_window_layers=1)),  # global first, then sliding
     # A window on every layer (Mistral v0.1, Phi-3 mini, Starcoder 2): every layer compressed and
@@ -115,7 +117,7 @@ SUPPORTED = {
     "llama4-full": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128,
                                              no_rope_layers=[1, 0], **ALL_FULL)),
 }
-HYBRIDS = ["gemma2", "gpt-oss", "gemma3", "gemma4", "cohere2", "olmo3", "qwen2-window"]
+HYBRIDS = ["gemma2", "gpt-oss", "gemma3", "gemma4", "cohere2", "olmo3", "beam", "qwen2-window"]
 # Families served in original positions only, and the reason shifted positions give.
 ORIGINAL_ONLY = {**dict.fromkeys(HYBRIDS, "sliding-window layers, whose window the model counts in absolute positions"),
                  "deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",

@@ -435,7 +435,7 @@ class CompressedCache(Cache):
             **({"rotated_at": torch.zeros(shape, dtype=torch.long, device=key_like.device)} if self.shifted else {}),
             **self._allocate_policy_buffers(shape, key_like),
         }
-        if self.shifted:  # the turns' table made here, eagerly, never first inside a compiled step
+        if any(layer.turns for layer in self.stacked_layers):  # the turns' table made here, never in a compiled step
             self.rotary.table(slots + self.rank_offset, key_like)
         for name, buffer in self.buffers.items():
             if name in old and name in self.buffer_names:

@@ -295,7 +295,9 @@ def _rotary(model: nn.Module, config) -> Rotary:
     if config.model_type in _ROTARY_ON_SLIDING_LAYERS_ONLY and served == "full_attention":
         unrotated = frozenset(range(config.num_hidden_layers))  # with sliding layers, shifted is refused below
     rope = getattr(config, "rope_parameters", None) or {}
-    rope = rope.get(served, rope)  # one set per layer type (Gemma 3, OLMo 3): the served layers'
+    if served in rope and rope[served] is None:  # Beam: rotary on its sliding layers only
+        unrotated = frozenset(range(config.num_hidden_layers))
+    rope = rope.get(served, rope) or {}  # one set per layer type (Gemma 3, OLMo 3): the served layers'
     rope_type = rope.get("rope_type", "default")
     arguments = list(inspect.signature(apply).parameters) if apply is not None else []
     arguments = arguments[:3] if arguments[:1] == ["x"] else arguments[:4]
