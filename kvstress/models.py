@@ -409,7 +409,11 @@ def _byte_token_ids(config: PretrainedConfig) -> None:
 
 
 def attention_implementation(config: PretrainedConfig) -> str:
-    """The attention a model of `config` is loaded with: SDPA where its family has it, else eager."""
+    """The attention a model of `config` is loaded with: SDPA where its family has it, else eager;
+    eager where the model caps its attention logits (Gemma 2), which SDPA cannot do (transformers
+    5.17 still offers Gemma 2 SDPA, which drops the cap)."""
+    if getattr(config.get_text_config(decoder=True), "attn_logit_softcapping", None):
+        return "eager"
     return "sdpa" if MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._supports_sdpa else "eager"
 
 
