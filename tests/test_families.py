@@ -378,6 +378,38 @@ def test_attention_scores_leave_out_what_the_window_hides(family):
     assert seen.any() and grown[seen].all()
 
 
+@pytest.mark.slow  # inductor compilations
+@pytest.mark.parametrize("spec", ["h2o_2_6_24", "streaming_4_24"])
+def test_compiled_decode_masks_the_window_as_the_eager_step_does(spec):
+    """--compile on a model with a window on every layer: past the window, the compiled step
+    (which builds the window's mask from the positions every step) gives the eager step's logits
+    and keeps the same tokens, through one graph."""
+    from torch._dynamo.utils import counters
+
+    from kvstress.caches.compiled import CompiledDecode
+    from kvstress.stream import cache_argument
+
+    model = small_window_model("mistral-window", window=32)
+    argument = cache_argument(model)
+    ids = token_ids(2, 90, seed=7)
+    compiled, eager = make_cache(spec, model), make_cache(spec, model)
+    decode = CompiledDecode(model, argument)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def step(cache, start, end):
+        return model(input_ids=ids[:, start:end], use_cache=True, logits_to_keep=1, **{argument: cache}).logits
+
+    with torch.no_grad():
+        for cache in (compiled, eager):
+            step(cache, 0, 30)
+        for position in range(30, 90):
+            torch.testing.assert_close(decode(compiled, ids[:, position : position + 1]), step(eager, position, position + 1),
+                                       rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.kept_positions(0), eager.kept_positions(0))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 @pytest.mark.parametrize("family", ORIGINAL_ONLY)
 def test_shifted_positions_refused_by_name_where_keys_cannot_be_turned(models, family):
     with pytest.raises(UnsupportedModelError, match=ORIGINAL_ONLY[family]) as refused:
