@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .caches import CompressedCache, cache_sizes, cached_tokens, make_run_cache
+from .caches import CompressedCache, UnsupportedModelError, cache_sizes, cached_tokens, make_run_cache
 from .caches.compiled import CompiledDecode
 from .caches.hooks import attention_modules
 from .config import RunConfig
@@ -228,16 +228,20 @@ class Harness:
 
     def check_methods(self, specs) -> None:
         """Refuse, before anything is measured, a method this model cannot run (a KvstressError:
-        exit 2), such as a policy the model's attention does not support or sizes that do not
-        fit its layers. Any other error building a cache is the method's own failure, recorded
-        when it runs (guard)."""
+        exit 2), such as a policy the model's attention does not support, sizes that do not
+        fit its layers, or --compile where no step could be the compiled one. Any other error
+        building a cache is the method's own failure, recorded when it runs (guard)."""
         for spec in specs:
             try:
-                self.new_cache(spec)
+                cache = self.new_cache(spec)
             except KvstressError:
                 raise
             except Exception:
-                pass
+                continue
+            why = CompiledDecode.eager_because(cache) if self.compiled_decode is not None else None
+            if why and spec.is_compressed:
+                raise UnsupportedModelError(f"{spec.name} on this model: {why}, but a compiled step needs fixed "
+                                            "shapes: drop --compile")
 
     def open(self, spec: MethodSpec, tokens: torch.Tensor) -> Stream:
         """A new stream over tokens [batch, n], after a warm-up on them, in a new measuring window."""

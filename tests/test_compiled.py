@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
@@ -145,3 +146,20 @@ def test_compile_refuses_lazy_eviction(tmp_path):
                                       "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 2
     assert "--compile needs --lazy 0" in result.stderr
+
+
+
+def test_compile_refused_in_one_line_for_a_hybrid_models_compressed_methods(tmp_path):
+    """A hybrid model's sliding-window layers concatenate a token per step, so no step of its
+    compressed caches could be the compiled one: refused before anything is measured."""
+    text = tmp_path / "book.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 300, encoding="utf-8")
+    config = tmp_path / "gemma2.json"
+    transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=300, sliding_window=8).to_json_file(config)
+    result = CliRunner().invoke(app, ["sweep", "--model", f"random:{config}", "--dataset", str(text), "--lengths", "64",
+                                      "--chunk", "32", "-m", "h2o_2_4_32", "--compile", "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: h2o_2_4_32 on this model: the model's sliding-window layers concatenate every step's "
+                      "token, but a compiled step needs fixed shapes: drop --compile"], result.output

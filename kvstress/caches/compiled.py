@@ -10,15 +10,16 @@ What would make the graph depend on the step is kept out of it: the new token's
 absolute position is read from `cache.next_position` (a tensor) and the model gets
 explicit `position_ids`; the Python counters (`seen`) move on after the step, here.
 Any step that is not a steady-state one-token step (prefill chunks, a cache still
-filling up, the sinks not yet in, lazy eviction, a model with whole or sliding-window layers,
-which concatenate) runs eagerly, unchanged.
+filling up, the sinks not yet in) runs eagerly, unchanged. Caches none of whose steps could
+be compiled (lazy eviction, whole or sliding-window layers, which concatenate) are refused
+before a run measures anything (`eager_because`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import CompressedCache
+from .base import CompressedCache, WholeLayer
 
 
 class CompiledDecode:
@@ -35,6 +36,16 @@ class CompiledDecode:
         output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
                             **{self.cache_argument: cache})
         return output.logits
+
+    @staticmethod
+    def eager_because(cache) -> str | None:
+        """Why no step of `cache` can ever be the compiled one, or None: layers that concatenate
+        every step's token change shapes or offsets every step."""
+        if not isinstance(cache, CompressedCache):
+            return "the full cache concatenates every step's token"
+        kinds = {"its whole layers" if isinstance(layer, WholeLayer) else "the model's sliding-window layers"
+                 for layer in cache.unstacked_layers}
+        return f"{' and '.join(sorted(kinds))} concatenate every step's token" if kinds else None
 
     @staticmethod
     def compiles(cache, input_ids: torch.Tensor) -> bool:
