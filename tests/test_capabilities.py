@@ -129,6 +129,7 @@ class CountingDecode:
     steps = 0  # measured steps, the warm-up's not counted
     warming_up = False
     compiles = staticmethod(CompiledDecode.compiles)
+    eager_because = staticmethod(CompiledDecode.eager_because)
 
     def __init__(self, model, cache_argument):
         self.model, self.cache_argument = model, cache_argument

@@ -163,6 +163,10 @@ if not hasattr(importlib.import_module("transformers.models.gptj.modeling_gptj")
     ORIGINAL_ONLY.pop("gptj")
     REFUSED["gptj"] = (*SUPPORTED.pop("gptj"), "GPTJForCausalLM's attention (GPTJAttention) does not run through")
 
+# Through the CLI, every family in the whole suite; the fast tier runs one of each kind of attention.
+CLI_POINT_FAMILIES = [family if family in ("llama", "phi3", "falcon", "gemma2", "mistral-window", "deepseek-v2")
+                      else pytest.param(family, marks=pytest.mark.slow) for family in SUPPORTED]
+
 # Every built-in compressed policy, capacity 24 (the tokens of the exactness check); the fast
 # tier runs the seed's two and TOVA, the slow one the others too.
 POLICIES = ["streaming_2_24", "h2o_2_4_24", "tova_2_24"] + [
@@ -272,7 +276,7 @@ def test_whole_layers_are_the_first_global_ones_between_sliding_ones(chunk):
 
 
 @pytest.mark.parametrize("family", SUPPORTED)
-@pytest.mark.parametrize("chunk", [1, 5])
+@pytest.mark.parametrize("chunk", [1, pytest.param(5, marks=pytest.mark.slow)])
 def test_h2o_scores_are_the_attention_the_models_own_kernel_pays(family, chunk):
     """H2O's score of a token is the attention the model's kernel paid it, summed over the
     queries so far and over the query heads made from its cached KV head (a GQA group;
@@ -460,7 +464,7 @@ def run_point(command: str, family: str, tmp_path, text_file) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("family", SUPPORTED)
+@pytest.mark.parametrize("family", CLI_POINT_FAMILIES)
 def test_a_needle_point_runs(tmp_path, text_file, cheap_garbage_collection, family):
     doc = run_point("needle", family, tmp_path, text_file)
     assert [(c["method"], c["length"], c["depth"], c["status"], c["trials"], len(c["answers"]))
@@ -471,7 +475,7 @@ def test_a_needle_point_runs(tmp_path, text_file, cheap_garbage_collection, fami
     assert doc["records"][0]["cache_tokens"] == 32  # evicted down to capacity
 
 
-@pytest.mark.parametrize("family", SUPPORTED)
+@pytest.mark.parametrize("family", CLI_POINT_FAMILIES)
 def test_a_batch_point_runs(tmp_path, text_file, cheap_garbage_collection, family):
     doc = run_point("batch", family, tmp_path, text_file)
     assert [(r["method"], r["batch_size"], r["length"], r["status"]) for r in doc["records"]] == [
