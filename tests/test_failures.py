@@ -232,7 +232,11 @@ def test_a_parent_killed_outright_leaves_no_isolated_child_computing(tmp_path):
                                 "--isolate", "--out", str(tmp_path / "r.json")], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     def measuring_children() -> list:  # not multiprocessing's resource tracker
-        return [c for c in psutil.Process(process.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        def command(child) -> str:
+            with contextlib.suppress(psutil.Error):  # a short-lived helper may exit (a zombie) as it is read
+                return " ".join(child.cmdline())
+            return ""
+        return [c for c in psutil.Process(process.pid).children() if "spawn_main" in command(c)]
 
     def catches_sigterm(child) -> bool:  # the child's stop handling (and the kernel's request) is in place
         with contextlib.suppress(OSError):

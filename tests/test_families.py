@@ -488,14 +488,19 @@ def test_a_batch_point_runs(tmp_path, text_file, cheap_garbage_collection, famil
 # -- refused families -------------------------------------------------------------------
 
 
+def sweep_64_tokens(tmp_path, text_file, config, *methods: str):
+    """`kvstress sweep` of `methods` at 64 tokens on a random model of `config`."""
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    return runner.invoke(app, ["sweep", "--model", f"random:{path}", *[arg for m in methods for arg in ("-m", m)],
+                               "--lengths", "64", "--chunk", "32", "--decode-steps", "3", "--dataset", str(text_file),
+                               "--out", str(tmp_path / "r.json")])
+
+
 @pytest.mark.parametrize("family", REFUSED)
 def test_refused_in_one_line_through_the_cli(tmp_path, text_file, family):
     config_class, changes, message = REFUSED[family]
-    path = tmp_path / "config.json"
-    family_config(config_class, changes).to_json_file(path)
-    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "baseline", "-m", "h2o_2_4_32",
-                                 "--lengths", "64", "--chunk", "32", "--decode-steps", "3",
-                                 "--dataset", str(text_file), "--out", str(tmp_path / "r.json")])
+    result = sweep_64_tokens(tmp_path, text_file, family_config(config_class, changes), "baseline", "h2o_2_4_32")
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -514,11 +519,7 @@ def test_quantized_cache_refused_in_one_line_where_nothing_is_a_token_cache_to_q
     """A recurrent state is not tokens to quantize, and a model that bounds every layer itself
     leaves the full-attention layers a quantized cache quantizes empty: one line, exit 2."""
     config_class, changes, _ = REFUSED[family]
-    path = tmp_path / "config.json"
-    family_config(config_class, changes).to_json_file(path)
-    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "quant_4_16", "--lengths", "64",
-                                 "--chunk", "32", "--decode-steps", "3", "--dataset", str(text_file),
-                                 "--out", str(tmp_path / "r.json")])
+    result = sweep_64_tokens(tmp_path, text_file, family_config(config_class, changes), "quant_4_16")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     why = "keeps a recurrent state" if family not in ("mistral-small-window", "llama4") else "leaves quant_4_16 nothing"
@@ -556,14 +557,10 @@ def test_quantized_cache_keeps_the_models_window_in_sliding_layers(models, famil
 def test_hybrid_families_run_through_the_cli(tmp_path, text_file, family):
     """A hybrid model as published runs every method, eager attention (Gemma 2, GPT-OSS) and
     the quantized cache included."""
-    path = tmp_path / "config.json"
     config_class, changes = SUPPORTED[family]
     # Heads of 64: optimum-quanto groups 64 values, and transformers 5.17 groups over a head's tokens.
-    family_config(config_class, {**changes, "head_dim": 64}).to_json_file(path)
-    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "baseline", "-m", "h2o_2_4_32",
-                                 "-m", "streaming_4_32", "-m", "quant_4_16", "--lengths", "64", "--chunk", "32",
-                                 "--decode-steps", "3",
-                                 "--dataset", str(text_file), "--out", str(tmp_path / "r.json")])
+    result = sweep_64_tokens(tmp_path, text_file, family_config(config_class, {**changes, "head_dim": 64}),
+                             "baseline", "h2o_2_4_32", "streaming_4_32", "quant_4_16")
     assert result.exit_code == 0, result.output
 
 
@@ -572,9 +569,5 @@ def test_baseline_runs_where_compressed_caches_are_refused(tmp_path, text_file, 
     """The full cache serves every family that loads: a recurrent state, attention outside the
     interface, or sliding windows on every layer."""
     config_class, changes, _ = REFUSED[family]
-    path = tmp_path / "config.json"
-    family_config(config_class, changes).to_json_file(path)
-    result = runner.invoke(app, ["sweep", "--model", f"random:{path}", "-m", "baseline", "--lengths", "64",
-                                 "--chunk", "32", "--decode-steps", "3", "--dataset", str(text_file),
-                                 "--out", str(tmp_path / "r.json")])
+    result = sweep_64_tokens(tmp_path, text_file, family_config(config_class, changes), "baseline")
     assert result.exit_code == 0, result.output
