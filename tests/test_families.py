@@ -101,6 +101,11 @@ SUPPORTED = {
     "cohere2": ("Cohere2Config", HYBRID),  # rotary on the sliding layers only
     "olmo3": ("Olmo3Config", HYBRID),
     "beam": ("BeamConfig", HYBRID),
+    # Chunked layers (attention within fixed chunks of positions) kept as transformers keeps them;
+    # the global layer has no rotary.
+    "llama4": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128,
+                                        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
+                                        attention_chunk_size=WINDOW)),
     "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW,
                                          max_window_layers=1)),  # global first, then sliding
     # A window on every layer (Mistral v0.1, Phi-3 mini, Starcoder 2): every layer compressed and
@@ -117,11 +122,12 @@ SUPPORTED = {
     "llama4-full": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128,
                                              no_rope_layers=[1, 0], **ALL_FULL)),
 }
-HYBRIDS = ["gemma2", "gpt-oss", "gemma3", "gemma4", "cohere2", "olmo3", "beam", "qwen2-window"]
+HYBRIDS = ["gemma2", "gpt-oss", "gemma3", "gemma4", "cohere2", "olmo3", "beam", "llama4", "qwen2-window"]
 # Families served in original positions only, and the reason shifted positions give.
 ORIGINAL_ONLY = {**dict.fromkeys(HYBRIDS, "sliding-window layers, whose window the model counts in absolute positions"),
                  "deepseek-v2": "multi-head latent attention", "deepseek-v3": "multi-head latent attention",
                  "llama4-full": "no rotary embedding that kvstress can call",
+                 "llama4": "no rotary embedding that kvstress can call",
                  "gptj": "no rotary embedding that kvstress can call",
                  "llama-dynamic": "dynamic rotary scaling, whose frequencies change with the length"}
 
@@ -145,8 +151,8 @@ REFUSED = {
                                                   layer_types=["sliding_attention", "full_attention"] * 2,
                                                   num_hidden_layers=4, num_kv_shared_layers=2),
                          "Gemma4ForCausalLM's last 2 layers attend with the keys and values of earlier ones"),
-    "llama4": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128),
-               "Llama4ForCausalLM has chunked attention layers"),
+    "llama4-all-chunked": ("Llama4TextConfig", dict(head_dim=16, num_local_experts=2, intermediate_size_mlp=128),
+                           "Llama4ForCausalLM attends within fixed chunks of absolute positions in every layer"),
     # Every layer sliding, with a window the capacity (32) does not fit under: nothing to compress.
     "mistral-small-window": ("MistralConfig", dict(sliding_window=16),
                              "MistralForCausalLM attends within a sliding window of 16 tokens in every layer"),
@@ -514,7 +520,7 @@ def test_falcon_is_refused_where_it_computes_attention_inline():
     assert "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("family", ["mamba", "zamba2", "falcon-h1", "mistral-small-window", "llama4"])
+@pytest.mark.parametrize("family", ["mamba", "zamba2", "falcon-h1", "mistral-small-window", "llama4-all-chunked"])
 def test_quantized_cache_refused_in_one_line_where_nothing_is_a_token_cache_to_quantize(tmp_path, text_file, family):
     """A recurrent state is not tokens to quantize, and a model that bounds every layer itself
     leaves the full-attention layers a quantized cache quantizes empty: one line, exit 2."""
@@ -522,7 +528,7 @@ def test_quantized_cache_refused_in_one_line_where_nothing_is_a_token_cache_to_q
     result = sweep_64_tokens(tmp_path, text_file, family_config(config_class, changes), "quant_4_16")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    why = "keeps a recurrent state" if family not in ("mistral-small-window", "llama4") else "leaves quant_4_16 nothing"
+    why = "keeps a recurrent state" if family in ("mamba", "zamba2", "falcon-h1") else "leaves quant_4_16 nothing"
     assert len(errors) == 1 and why in errors[0] and "use baseline" in errors[0], result.output
 
 

@@ -21,11 +21,12 @@ the kept ones (a caller such as generate() passes absolute position_ids).
 
 Which families can be served is decided before anything runs: the layer types
 transformers' own DynamicCache would build from the config (sliding-window layers keep
-the model's window, the others are compressed; chunked and recurrent layers, and models
-whose sliding windows differ in size, are refused by name; a model whose every layer
-attends within one window has every layer compressed and masked to that window), whether the attention modules' code
-looks its kernel up in the interface or calls SDPA (Bloom's and MPT's do neither), and for shifted
-positions, the model's own rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
+the model's window, as do Llama 4's chunked ones, and the others are compressed; a model
+whose every layer attends within one window has them all compressed and masked to it;
+recurrent layers, models chunked everywhere and models whose sliding windows differ in
+size are refused by name), whether the attention modules' code looks its kernel up in the
+interface or calls SDPA (Bloom's and MPT's do neither), and for shifted positions, the
+model's own rotary embedding and `apply_rotary_pos_emb` (`Rotary`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ _RECURRENT = ("mamba", "conv", "linear_attention", "hybrid", "hybrid_sliding", "
 # Rotary types whose frequencies depend on how long the sequence is: a key cannot be turned
 # from one position to another with one table.
 _LENGTH_DEPENDENT_ROPE = ("dynamic",)
+# Layers the model bounds itself, kept as transformers' DynamicCache keeps them (a window).
+_BOUNDED_BY_THE_MODEL = ("sliding_attention", "chunked_attention")
 # Families whose full-attention layers have no rotary (only their sliding-window layers do).
 _ROTARY_ON_SLIDING_LAYERS_ONLY = ("cohere2",)
 
@@ -255,13 +258,13 @@ def _refusal(model: nn.Module, config) -> str | None:
     if getattr(config, "num_kv_shared_layers", 0):
         return (f"{name}'s last {config.num_kv_shared_layers} layers attend with the keys and values of earlier ones "
                 f"(KV sharing), which a compressed cache's slots would move under them: {baseline}")
-    if "chunked_attention" in kinds:
-        return (f"{name} has chunked attention layers, which attend within fixed chunks of absolute positions that "
-                f"a compressed cache's slots do not keep: {baseline}, or a config without chunks")
+    if "chunked_attention" in kinds and "full_attention" not in kinds:
+        return (f"{name} attends within fixed chunks of absolute positions in every layer, which a compressed "
+                f"cache's slots do not keep, and has no global layer to compress: {baseline}")
     if kinds == {"sliding_attention"} and len(set(_sliding_windows(config).values())) > 1:
         return f"{name} has sliding windows of different sizes on every layer, which compressed caches do not serve: {baseline}"
-    if kinds - {"full_attention", "sliding_attention"}:
-        others = ", ".join(sorted(kinds - {"full_attention", "sliding_attention"}))
+    if kinds - set(_BOUNDED_BY_THE_MODEL) - {"full_attention"}:
+        others = ", ".join(sorted(kinds - set(_BOUNDED_BY_THE_MODEL) - {"full_attention"}))
         return f"{name} has layers of type {others}, which compressed caches do not serve: {baseline}"
     if getattr(config, "alibi", False):
         return (f"{name} uses ALiBi position biases, which follow the slots rather than the tokens kept: "
@@ -275,12 +278,14 @@ def _layer_types(config) -> list[str]:
 
 
 def _sliding_windows(config) -> dict[int, int]:
-    """Layer index → window, for the layers transformers' DynamicCache keeps in a sliding window."""
+    """Layer index → window, for the layers transformers' DynamicCache keeps in a sliding window:
+    sliding ones, and Llama 4's chunked ones, kept the same way (the last chunk-size - 1 tokens;
+    only their mask differs, which transformers builds)."""
     kinds, options = get_layer_types_and_kwargs(config)
     if isinstance(options, dict):  # transformers before per-layer options: the same for every layer
         options = [options] * len(kinds)
     return {index: option["sliding_window"] for index, (kind, option) in enumerate(zip(kinds, options))
-            if kind == "sliding_attention"}
+            if kind in _BOUNDED_BY_THE_MODEL}
 
 
 def _rotary(model: nn.Module, config) -> Rotary:
@@ -309,7 +314,7 @@ def _rotary(model: nn.Module, config) -> Rotary:
         why_not = "caches multi-head latent attention's latents, with the rotary part of the keys apart"
     elif not embeddings or apply is None or arguments not in (["q", "k", "cos", "sin"], ["x", "cos", "sin"]):
         why_not = "has no rotary embedding that kvstress can call"  # GPT-J's: (tensor, sin, cos), interleaved
-    elif set(_layer_types(config)) == {"full_attention", "sliding_attention"}:
+    elif "full_attention" in _layer_types(config) and set(_layer_types(config)) & set(_BOUNDED_BY_THE_MODEL):
         # A hybrid's sliding layers keep the model's window, whose keys are not the cache's to turn,
         # and the model masks them by absolute position: moved, tokens would fall in or out of it.
         why_not = "has sliding-window layers, whose window the model counts in absolute positions"
