@@ -238,8 +238,8 @@ class Harness:
                 raise
             except Exception:
                 continue
-            why = CompiledDecode.eager_because(cache) if self.compiled_decode is not None else None
-            if why and spec.is_compressed:
+            why = CompiledDecode.eager_because(cache) if self.compiled_decode is not None and spec.is_compressed else None
+            if why:
                 raise UnsupportedModelError(f"{spec.name} on this model: {why}, but a compiled step needs fixed "
                                             "shapes: drop --compile")
 

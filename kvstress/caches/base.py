@@ -245,8 +245,9 @@ class FixedCapacityLayer(LinkedLayer):
         return self.owner.kept
 
     def before_attention(self, query: torch.Tensor, keys: torch.Tensor, mask, options: dict):
+        mask = super().before_attention(query, keys, mask, options)
         if self.owner.model_window is None:
-            return super().before_attention(query, keys, mask, options)
+            return mask
         mask, self.visible = self.owner.window_mask(self, query.shape[1], keys.shape[2], mask)
         return mask
 
@@ -310,17 +311,28 @@ class FixedCapacityLayer(LinkedLayer):
         """Shifted mode: each key turned from the position the model rotated it at to its
         rank among the kept tokens, offset as the model offsets this forward's first new
         token from its slot (zero unless whole layers set the model's positions)."""
-        rank = self._view("positions", 0, total).argsort(dim=-1).argsort(dim=-1)
-        turn = rank + self.owner.rank_offset - self._view("rotated_at", 0, total)
+        turn = self.ranks(total) + self.owner.rank_offset - self._view("rotated_at", 0, total)
         # Ranks and the positions keys were rotated at lie in [0, slots + offset), the offset
         # never shrinking: a bound known without reading `turn` back (a compiled step cannot).
         return self.owner.rotary.turn(keys, turn, span=self.owner.slots + self.owner.rank_offset)
+
+    def ranks(self, total: int) -> torch.Tensor:
+        """[batch, kv_heads, total] each slot's rank among the tokens held, by position (0 the oldest)."""
+        return self._view("positions", 0, total).argsort(dim=-1).argsort(dim=-1)
 
     def kept_positions(self) -> torch.Tensor:
         """[batch, kv_heads, kept] absolute positions held, ascending."""
         if self.positions is None:
             return torch.empty(0, 0, 0, dtype=torch.long)
         return self.positions[:, :, : self.kept].sort(dim=-1).values
+
+
+def _like(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`allowed` (boolean, True where a query may attend) in the form of `mask`: boolean, or additive."""
+    if mask.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill_(
+        ~allowed, torch.finfo(mask.dtype).min)
 
 
 def _expand_index(index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
@@ -628,33 +640,23 @@ class CompressedCache(Cache):
         if mask.shape[-1] == keys:
             return mask
         allowed = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril(keys - length)
-        if mask.dtype != torch.bool:
-            allowed = torch.zeros(length, keys, dtype=mask.dtype, device=mask.device).masked_fill(
-                ~allowed, torch.finfo(mask.dtype).min)
-        return allowed.expand(mask.shape[0], mask.shape[1], length, keys)
+        return _like(mask, allowed).expand(mask.shape[0], mask.shape[1], length, keys)
 
     def window_mask(self, layer: FixedCapacityLayer, heads: int, total: int, mask):
         """(the mask, which slots each new token sees) for a compressed layer of a model whose
         every layer attends within `model_window` tokens of positions, as the model sees them:
         absolute (original) or ranks among the kept (shifted). While no kept token can be that
-        far from a new one, transformers' mask is right as is (slot distances are at most the
-        position distances) and no visibility is needed. Past that, the mask is built here per
-        KV head, from the positions; `heads` query heads share each KV head's row."""
+        far from a new one, the causal mask handed in is right as is (slot distances are at most
+        the position distances) and no visibility is needed. Past that, the mask is built here
+        per KV head, from the positions; `heads` query heads share each KV head's row."""
         window = self.model_window
         if not self.in_graph and (total if self.shifted else self.seen) <= window:
-            if self.whole_layers and isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                mask = self.mask_for(mask, total - self.kept, total)
             return mask, None
-        positions = layer._view("positions", 0, total)
-        if self.shifted:
-            positions = positions.argsort(dim=-1).argsort(dim=-1)
+        positions = layer.ranks(total) if self.shifted else layer._view("positions", 0, total)
         distance = positions[..., self.kept : total, None] - positions[..., None, :]  # [batch, kv_heads, q, total]
         visible = (distance >= 0) & (distance < window)
         allowed = visible.repeat_interleave(heads // visible.shape[1], dim=1)
-        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
-            allowed = torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill_(
-                ~allowed, torch.finfo(mask.dtype).min)
-        return allowed, visible
+        return (_like(mask, allowed) if isinstance(mask, torch.Tensor) else allowed), visible
 
     # -- diagnostics -------------------------------------------------------------------
 

@@ -38,11 +38,9 @@ class CompiledDecode:
         return output.logits
 
     @staticmethod
-    def eager_because(cache) -> str | None:
-        """Why no step of `cache` can ever be the compiled one, or None: layers that concatenate
-        every step's token change shapes or offsets every step."""
-        if not isinstance(cache, CompressedCache):
-            return "the full cache concatenates every step's token"
+    def eager_because(cache: CompressedCache) -> str | None:
+        """Why no step of a compressed cache can ever be the compiled one, or None: layers that
+        concatenate every step's token change shapes or offsets every step."""
         kinds = {"its whole layers" if isinstance(layer, WholeLayer) else "the model's sliding-window layers"
                  for layer in cache.unstacked_layers}
         return f"{' and '.join(sorted(kinds))} concatenate every step's token" if kinds else None

@@ -210,10 +210,15 @@ def _install_sdpa() -> None:
     torch.nn.functional.scaled_dot_product_attention = _linked_sdpa
 
 
-def _calls_sdpa_itself(module: nn.Module) -> bool:
-    """Whether `module`'s forward runs torch's SDPA itself, after its cache update (Falcon)."""
+def _outside_interface(attention: type) -> bool:
+    """Whether an attention class's modeling file never looks its kernel up in the interface."""
+    return not hasattr(sys.modules[attention.__module__], "ALL_ATTENTION_FUNCTIONS")
+
+
+def _calls_sdpa_itself(attention: type) -> bool:
+    """Whether an attention class's forward runs torch's SDPA itself, after its cache update (Falcon)."""
     try:
-        return "scaled_dot_product_attention(" in inspect.getsource(type(module).forward)
+        return "scaled_dot_product_attention(" in inspect.getsource(attention.forward)
     except (OSError, TypeError):
         return False
 
@@ -248,9 +253,9 @@ def _refusal(model: nn.Module, config) -> str | None:
     # A modeling file that never looks its kernel up in the interface (Bloom, MPT) runs
     # attention where no cache layer can see the queries, unless it calls torch's SDPA
     # itself (Falcon loaded with SDPA: its eager and flash branches compute attention inline).
-    outside = {type(module).__name__ for module in modules
-               if not hasattr(sys.modules[type(module).__module__], "ALL_ATTENTION_FUNCTIONS")
-               and not (_calls_sdpa_itself(module) and config._attn_implementation == "sdpa")}
+    outside = {attention.__name__ for attention in {type(module) for module in modules}
+               if _outside_interface(attention)
+               and not (_calls_sdpa_itself(attention) and config._attn_implementation == "sdpa")}
     if outside:
         return (f"{name}'s attention ({', '.join(sorted(outside))}) does not run through transformers' attention "
                 f"interface or torch's SDPA, where compressed caches see the queries: {baseline}, or quant_B_R")
@@ -295,8 +300,9 @@ def _rotary(model: nn.Module, config) -> Rotary:
     apply = getattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", None)
     no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3, Llama 4: 1 where a layer has rotary
     unrotated = frozenset(index for index, rotated in enumerate(no_rope or []) if not rotated)
+    kinds = set(_layer_types(config))
     # The layers compressed caches serve: the global ones, or every layer where all are sliding.
-    served = "sliding_attention" if set(_layer_types(config)) == {"sliding_attention"} else "full_attention"
+    served = "sliding_attention" if kinds == {"sliding_attention"} else "full_attention"
     if config.model_type in _ROTARY_ON_SLIDING_LAYERS_ONLY and served == "full_attention":
         unrotated = frozenset(range(config.num_hidden_layers))  # with sliding layers, shifted is refused below
     rope = getattr(config, "rope_parameters", None) or {}
@@ -314,7 +320,7 @@ def _rotary(model: nn.Module, config) -> Rotary:
         why_not = "caches multi-head latent attention's latents, with the rotary part of the keys apart"
     elif not embeddings or apply is None or arguments not in (["q", "k", "cos", "sin"], ["x", "cos", "sin"]):
         why_not = "has no rotary embedding that kvstress can call"  # GPT-J's: (tensor, sin, cos), interleaved
-    elif "full_attention" in _layer_types(config) and set(_layer_types(config)) & set(_BOUNDED_BY_THE_MODEL):
+    elif "full_attention" in kinds and kinds & set(_BOUNDED_BY_THE_MODEL):
         # A hybrid's sliding layers keep the model's window, whose keys are not the cache's to turn,
         # and the model masks them by absolute position: moved, tokens would fall in or out of it.
         why_not = "has sliding-window layers, whose window the model counts in absolute positions"
@@ -342,8 +348,8 @@ def attach(model: nn.Module) -> AttentionLinks:
     if refusal:
         raise UnsupportedModelError(refusal)
     _install_interface()
-    if any(_calls_sdpa_itself(module) for module in attention_modules(model)):
-        _install_sdpa()
+    if any(_outside_interface(attention) for attention in {type(module) for module in attention_modules(model)}):
+        _install_sdpa()  # the refusal above let it through: its attention calls SDPA itself
     windows = _sliding_windows(config)
     every_layer = len(windows) == config.num_hidden_layers
     links = AttentionLinks(num_layers=config.num_hidden_layers, rotary_embedding=_rotary(model, config),

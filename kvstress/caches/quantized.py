@@ -27,11 +27,12 @@ def quantized_cache(spec, model) -> Cache:
     if refusal:
         raise UnsupportedModelError(refusal)
     layers = DynamicCache(config=model.config).layers
-    if all(type(layer) is DynamicLayer for layer in layers):
+    global_layers = [type(layer) is DynamicLayer for layer in layers]  # the others bounded by the model
+    if all(global_layers):
         return QuantizedCache(backend="quanto", config=model.config, nbits=spec.bits, residual_length=spec.residual)
-    if not any(type(layer) is DynamicLayer for layer in layers):
+    if not any(global_layers):
         raise UnsupportedModelError(
             f"{type(model).__name__} bounds every layer with a window or chunks itself, which leaves {spec.name} nothing to "
             "quantize: use baseline, which holds at most that many tokens per layer")
-    return Cache(layers=[QuantoQuantizedLayer(nbits=spec.bits, residual_length=spec.residual)
-                         if type(layer) is DynamicLayer else layer for layer in layers])
+    return Cache(layers=[QuantoQuantizedLayer(nbits=spec.bits, residual_length=spec.residual) if is_global else layer
+                         for layer, is_global in zip(layers, global_layers)])
